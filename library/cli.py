@@ -1,0 +1,28 @@
+"""Shared command-line plumbing: one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from library.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit status 2.
+
+    Use as ``if __name__ == "__main__": sys.exit(run_main(main))``.
+    """
+    prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "sdxl"
+    try:
+        code = main(argv)
+    except UserError as err:
+        print(f"{prog}: error: {err.one_line()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return int(code or 0)
