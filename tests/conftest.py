@@ -18,3 +18,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """The tiny SDXL written once per test session by ``tools/make_tiny_sdxl.py``'s code.
+
+    Returns a dict: ``single_file``, ``diffusers``, ``tokenizers``, ``vae_fix`` (paths). Treat it as
+    read-only; copy before modifying.
+    """
+    from library.tiny_sdxl import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)
