@@ -296,11 +296,15 @@ class BucketBatchSampler:
             yield [SampleRef(i, self.epoch, base + position) for i in batches[position]]
         self.epoch, self.position = self.epoch + 1, 0
 
-    def state_dict(self, batches_done: int | None = None) -> dict:
+    def state_dict(self, batches_done: int | None = None, epoch: int | None = None) -> dict:
+        """With DataLoader workers the sampler runs ahead of the loop (even into the next epoch):
+        pass the ``epoch`` the loop is in and the ``batches_done`` it consumed in it."""
         position = self.position if batches_done is None else batches_done
+        epoch = self.epoch if epoch is None else epoch
         return {
-            "seed": self.seed, "epoch": self.epoch, "position": position,
-            "world_size": self.world_size, "num_items": len(self.groups), "batches_per_epoch": len(self),
+            "seed": self.seed, "epoch": epoch, "position": position,
+            "world_size": self.world_size, "num_items": len(self.groups),
+            "batches_per_epoch": len(self._layout(epoch)),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:

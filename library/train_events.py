@@ -1,0 +1,179 @@
+"""What ``sdxl_train.py`` does between steps: save models and states, prune old ones, sample images.
+
+Only the main process writes model files and sample images; every process takes part in a state save
+(accelerate writes one RNG file per process). Every write is atomic: a state is assembled in a
+temporary folder and renamed into place, a model file is written aside and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from library.checkpointing import (
+    TRAIN_STATE_FILE,
+    TrainState,
+    model_name,
+    prune_epoch_saves,
+    prune_step_saves,
+    save_model,
+    state_name,
+)
+from library.fileio import atomic_write_text
+
+log = logging.getLogger("sdxl_train")
+
+
+def prefixed(cfg, logs: dict) -> dict:
+    prefix = cfg.log_prefix or ""
+    return {f"{prefix}{key}": value for key, value in logs.items()}
+
+
+def _every(value: int | None, count: int) -> bool:
+    return bool(value) and count > 0 and count % value == 0
+
+
+def unwrapped(models, accelerator):
+    """The same SDXLModels with the prepared (DDP-wrapped) modules unwrapped."""
+    from dataclasses import replace
+
+    return replace(
+        models,
+        unet=accelerator.unwrap_model(models.unet),
+        text_encoder1=accelerator.unwrap_model(models.text_encoder1),
+        text_encoder2=accelerator.unwrap_model(models.text_encoder2),
+    )
+
+
+@dataclass
+class Run:
+    """What the events need from the running recipe."""
+
+    cfg: object
+    accelerator: object
+    models: object
+    data: object  # library.train_setup.TrainData
+    noise_rng: object
+    state: TrainState
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return tuple(self.data.resolution)
+
+
+def save_model_file(run: Run, step=None, epoch=None) -> Path | None:
+    cfg, accelerator = run.cfg, run.accelerator
+    accelerator.wait_for_everyone()
+    path = None
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / model_name(cfg.output_name, cfg.save_model_as, step=step, epoch=epoch)
+        meta = {"ss_training_step": str(step or ""), "ss_training_epoch": str(epoch or ""),
+                "ss_learning_rate": str(cfg.learning_rate), "ss_optimizer": str(cfg.optimizer_type)}  # fmt: skip
+        save_model(unwrapped(run.models, accelerator), path, cfg.save_model_as, cfg.save_precision or "float",
+                   title=cfg.output_name, resolution=int(max(run.resolution)), metadata=meta,
+                   prediction_type="v_prediction" if cfg.v_parameterization else "epsilon")  # fmt: skip
+        log.info("saved %s", path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def save_state(run: Run, batches_done: int, tag=None, step=None, epoch=None, state: TrainState | None = None) -> Path:
+    """All processes save accelerate's state into one temporary folder; rank 0 renames it into place."""
+    cfg, accelerator = run.cfg, run.accelerator
+    state = state or run.state
+    out = Path(cfg.output_dir)
+    name = state_name(cfg.output_name, step=step, epoch=epoch) if tag is None else f"{cfg.output_name}-{tag}-state"
+    final = out / name
+    tmp = out / f".{name}.tmp-{state.global_step:08d}"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        snapshot = TrainState(
+            global_step=state.global_step,
+            epoch=state.epoch,
+            sampler_state=run.data.sampler.state_dict(batches_done=batches_done, epoch=state.epoch),
+            noise_rng_state=run.noise_rng.get_state().tolist(),
+        )
+        atomic_write_text(tmp / TRAIN_STATE_FILE, json.dumps(asdict(snapshot)))
+        old = None
+        if final.exists():
+            old = out / f".{name}.old-{state.global_step:08d}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("saved state %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def sample_images(run: Run, step: int, epoch: int | None) -> list[Path]:
+    """Sample images with the current weights; the training RNG is left exactly as it was."""
+    cfg, accelerator = run.cfg, run.accelerator
+    paths: list[Path] = []
+    if cfg.sample_prompts and accelerator.is_main_process:
+        from library.sample_prompts import load_prompts
+        from library.sampling import generate_samples
+
+        prompts = load_prompts(cfg.sample_prompts)
+        paths = generate_samples(
+            unwrapped(run.models, accelerator), prompts, Path(cfg.output_dir), step=step, epoch=epoch,
+            output_name=cfg.output_name, default_size=run.resolution, sampler_name=cfg.sample_sampler,
+            seed=cfg.seed, device=accelerator.device,
+            prediction_type="v_prediction" if cfg.v_parameterization else None,
+        )  # fmt: skip
+        for path in paths:
+            log.info("sample %s", path)
+    accelerator.wait_for_everyone()
+    return paths
+
+
+def after_step(run: Run, batches_done: int) -> None:
+    cfg, step = run.cfg, run.state.global_step
+    if _every(cfg.sample_every_n_steps, step):
+        sample_images(run, step=step, epoch=run.state.epoch)
+    if _every(cfg.save_every_n_steps, step):
+        save_model_file(run, step=step)
+        if cfg.save_state:
+            save_state(run, batches_done, step=step)
+        if run.accelerator.is_main_process:
+            out = Path(cfg.output_dir)
+            prune_step_saves(out, cfg.output_name, step, cfg.save_last_n_steps)
+            prune_step_saves(out, cfg.output_name, step, cfg.save_last_n_steps_state or cfg.save_last_n_steps, state=True)
+
+
+def after_epoch(run: Run) -> None:
+    """At the end of ``run.state.epoch`` (the sampler has already moved on to the next one)."""
+    cfg, epoch = run.cfg, run.state.epoch
+    if _every(cfg.sample_every_n_epochs, epoch):
+        sample_images(run, step=run.state.global_step, epoch=epoch)
+    if _every(cfg.save_every_n_epochs, epoch):
+        save_model_file(run, epoch=epoch)
+        if cfg.save_state:
+            # a resume from here starts the next epoch from its beginning
+            nxt = TrainState(global_step=run.state.global_step, epoch=epoch + 1)
+            save_state(run, 0, epoch=epoch, state=nxt)
+        if run.accelerator.is_main_process:
+            out = Path(cfg.output_dir)
+            prune_epoch_saves(out, cfg.output_name, cfg.save_last_n_epochs)
+            prune_epoch_saves(out, cfg.output_name, cfg.save_last_n_epochs_state or cfg.save_last_n_epochs, state=True)
+
+
+def finish(run: Run, batches_done: int) -> Path | None:
+    """The final model (``NAME.safetensors``) and, with --save_state[_on_train_end], ``NAME-state``."""
+    cfg = run.cfg
+    if cfg.save_state or cfg.save_state_on_train_end:
+        save_state(run, batches_done)
+    path = save_model_file(run)
+    run.accelerator.end_training()
+    return path
