@@ -93,6 +93,7 @@ def train(run, text, optimizer, scheduler, params, max_steps: int) -> None:
         batches_done = data.sampler.position
         for batch in data.loader:
             batches_done += 1
+            run.seen.update(batch["image_keys"])
             with accelerator.accumulate(unet):
                 # 1. latents (cached, or encoded now by the frozen VAE) and text conditioning
                 latents = batch_latents(batch, run.models, accelerator)

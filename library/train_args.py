@@ -60,7 +60,8 @@ def opt(name: str, kind: str, default: Any, help: str, choices: tuple = ()) -> O
 
 
 MODEL = Section("model_arguments", "model", (
-    opt("pretrained_model_name_or_path", "str", None, "the SDXL model to fine-tune: a .safetensors single file or a diffusers folder (required)"),
+    opt("pretrained_model_name_or_path", "str", None,
+        "the SDXL model to fine-tune: a .safetensors single file or a diffusers folder (required)"),
     opt("vae", "str", None, "replace the model's VAE with this one (file or folder), e.g. the fp16-fix VAE"),
     opt("tokenizer_cache_dir", "str", None, "folder with the two CLIP tokenizers (for offline use)"),
     flag("v_parameterization", "train with the v-prediction target instead of noise (epsilon)"),
@@ -377,6 +378,8 @@ def _from_toml(o: Option, value: Any, where: str) -> Any:
     if o.kind == "floats" and not (isinstance(value, str) or isinstance(value, list) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):  # fmt: skip
         raise bad()
+    if o.kind == "steps":
+        value = _int_or_ratio(str(value))
     value = int(value) if o.kind == "int" else float(value) if o.kind == "float" else value
     if o.choices and value not in o.choices:
         raise ConfigError(f"'{o.name}' must be one of {', '.join(map(str, o.choices))}, not {value!r}", where=where,
@@ -547,6 +550,9 @@ def _check_text_cache(cfg, where) -> None:
 
 
 def _check_schedule(cfg, where) -> None:
+    if cfg.lr_scheduler == "adafactor" and cfg.optimizer_type.lower() != "adafactor" and not cfg.lr_scheduler_type:
+        raise ConfigError("--lr_scheduler adafactor works only with --optimizer_type AdaFactor",
+                          where=where("lr_scheduler"))  # fmt: skip
     warmup = cfg.lr_warmup_steps
     if isinstance(warmup, float) and warmup >= 1 and not warmup.is_integer():
         raise ConfigError(f"--lr_warmup_steps {warmup}: use whole steps, or a ratio below 1 such as 0.05",

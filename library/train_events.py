@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from library.checkpointing import (
@@ -58,6 +58,7 @@ class Run:
     data: object  # library.train_setup.TrainData
     noise_rng: object
     state: TrainState
+    seen: set = field(default_factory=set)  # image keys this process trained on (for the rank report)
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -169,9 +170,32 @@ def after_epoch(run: Run) -> None:
             prune_epoch_saves(out, cfg.output_name, cfg.save_last_n_epochs_state or cfg.save_last_n_epochs, state=True)
 
 
+def write_rank_report(run: Run) -> None:
+    """With ``SDXL_POSTER_RANK_REPORT=DIR`` set, each process writes ``DIR/rank<N>.json``: a fingerprint
+    of its final UNet and the image keys it trained on. A debugging aid for multi-process runs (and
+    what the 2-process test checks: identical weights, different images)."""
+    import os
+
+    folder = os.environ.get("SDXL_POSTER_RANK_REPORT")
+    if not folder:
+        return
+    from library.fingerprint import module_fingerprint
+
+    accelerator = run.accelerator
+    report = {
+        "rank": accelerator.process_index,
+        "world_size": accelerator.num_processes,
+        "unet": module_fingerprint(accelerator.unwrap_model(run.models.unet)),
+        "images": sorted(run.seen),
+        "global_step": run.state.global_step,
+    }
+    atomic_write_text(Path(folder) / f"rank{accelerator.process_index}.json", json.dumps(report))
+
+
 def finish(run: Run, batches_done: int) -> Path | None:
     """The final model (``NAME.safetensors``) and, with --save_state[_on_train_end], ``NAME-state``."""
     cfg = run.cfg
+    write_rank_report(run)
     if cfg.save_state or cfg.save_state_on_train_end:
         save_state(run, batches_done)
     path = save_model_file(run)

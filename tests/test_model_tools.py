@@ -111,3 +111,14 @@ def test_show_metadata_reads_only_the_header(tmp_path, tiny_sdxl):
     junk.write_bytes(b"\xff" * 64)
     bad = run_tool("tools/show_metadata.py", str(junk), check=False)
     assert bad.returncode == 2 and "junk.safetensors" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    from library.fileio import atomic_write_text
+
+    target = tmp_path / "note.txt"
+    atomic_write_text(target, "hello")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.read_text() == "hello"
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)
