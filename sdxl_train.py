@@ -45,10 +45,12 @@ def main(argv=None) -> int:
     import torch
     from accelerate.utils import set_seed
 
+    from library import train_events as events
     from library import train_setup as setup
     from library.checkpointing import TrainState
     from library.train_events import Run
 
+    setup.check_sample_prompts(cfg)
     accelerator = setup.make_accelerator(cfg)
     set_seed(cfg.seed)
     models = setup.load_models(cfg, accelerator)
@@ -57,8 +59,12 @@ def main(argv=None) -> int:
     text = setup.make_text_encoder(cfg, models, data, accelerator)
     params = setup.trainable_parameters(cfg, models)
     optimizer = setup.make_optimizer(cfg, params)
+    if cfg.fused_backward_pass:  # the optimizer steps inside backward: no separate step, no gradients kept
+        from library.optimizers import attach_fused_backward
+
+        attach_fused_backward(optimizer, cfg.max_grad_norm)
     max_steps = setup.total_steps(cfg, data, accelerator)
-    scheduler = setup.make_scheduler(cfg, optimizer, max_steps)
+    scheduler = setup.make_scheduler(cfg, optimizer, max_steps, accelerator.num_processes)
     models.unet, optimizer, scheduler = accelerator.prepare(models.unet, optimizer, scheduler)
     if cfg.train_text_encoder:
         models.text_encoder1, models.text_encoder2 = accelerator.prepare(models.text_encoder1, models.text_encoder2)
@@ -67,8 +73,9 @@ def main(argv=None) -> int:
     if cfg.resume:
         run.state = setup.resume(cfg, accelerator, data.sampler, run.noise_rng)
     setup.print_summary(cfg, accelerator, models, data, optimizer, max_steps, run.state)
-    train(run, text, optimizer, scheduler, params, max_steps)
-    return 0
+    with events.stop_on_signals(run):
+        train(run, text, optimizer, scheduler, params, max_steps)
+    return 130 if run.interrupted else 0
 
 
 def train(run, text, optimizer, scheduler, params, max_steps: int) -> None:
@@ -115,11 +122,12 @@ def train(run, text, optimizer, scheduler, params, max_steps: int) -> None:
                         f"loss became {loss.item()} at step {state.global_step + 1}; the last good state was saved",
                         hint="lower the learning rate, use --no_half_vae or --vae with the fp16-fix VAE, or bf16",
                     )
-                # 4. backward and step
+                # 4. backward and step (with --fused_backward_pass the step happened inside backward)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
-                optimizer.step()
+                if not cfg.fused_backward_pass:
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
@@ -130,6 +138,9 @@ def train(run, text, optimizer, scheduler, params, max_steps: int) -> None:
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(events.prefixed(cfg, logs), step=state.global_step)
             events.after_step(run, batches_done)
+            if events.stop_requested(run):
+                events.save_interrupted(run, batches_done)
+                break
             if state.global_step >= max_steps:
                 break
         else:  # the epoch ran out: epoch-end samples and saves, then the next epoch
@@ -139,7 +150,8 @@ def train(run, text, optimizer, scheduler, params, max_steps: int) -> None:
             continue
         break
     bar.close()
-    events.finish(run, batches_done)
+    if not run.interrupted:
+        events.finish(run, batches_done)
 
 
 if __name__ == "__main__":

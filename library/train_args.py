@@ -180,6 +180,8 @@ SAVING = Section("saving_arguments", "saving and resuming", (
     opt("save_last_n_epochs_state", "int", None, "keep only the last N epoch state folders"),
     flag("save_state", "also save the full training state (optimizer, RNG, position) with each save"),
     flag("save_state_on_train_end", "save the training state at the end of the run"),
+    flag("save_state_on_interrupt", "on Ctrl+C or SIGTERM, save a resumable state before exiting (the default)"),
+    flag("no_save_state_on_interrupt", "on Ctrl+C or SIGTERM, exit without saving a state"),
     opt("resume", "str", None, "continue from this state folder (NAME-step00000100-state)"),
 ))  # fmt: skip
 

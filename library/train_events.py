@@ -7,6 +7,7 @@ temporary folder and renamed into place, a model file is written aside and renam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -59,6 +60,8 @@ class Run:
     noise_rng: object
     state: TrainState
     seen: set = field(default_factory=set)  # image keys this process trained on (for the rank report)
+    signal_received: int | None = None  # set by the SIGINT/SIGTERM handler
+    interrupted: bool = False  # the loop stopped early on a signal
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -200,4 +203,48 @@ def finish(run: Run, batches_done: int) -> Path | None:
         save_state(run, batches_done)
     path = save_model_file(run)
     run.accelerator.end_training()
+    return path
+
+
+@contextlib.contextmanager
+def stop_on_signals(run: Run):
+    """While training, Ctrl+C (SIGINT) and SIGTERM ask the loop to stop after the current step; the
+    loop then saves a resumable state (unless --no_save_state_on_interrupt) and exits with 130.
+    A second signal stops at once."""
+    import signal
+
+    def handler(signum, frame):
+        if run.signal_received is not None:
+            raise KeyboardInterrupt
+        run.signal_received = signum
+        log.warning("signal %d: stopping after this step%s", signum,
+                    "" if run.cfg.no_save_state_on_interrupt else " and saving a resumable state")  # fmt: skip
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stop_requested(run: Run) -> bool:
+    """True on every process once any process got a signal (so all stop at the same step)."""
+    wanted = run.signal_received is not None
+    if run.accelerator.num_processes > 1:
+        import torch
+
+        flag = torch.tensor([1.0 if wanted else 0.0], device=run.accelerator.device)
+        wanted = bool(run.accelerator.reduce(flag, reduction="sum").item() > 0)
+    return wanted
+
+
+def save_interrupted(run: Run, batches_done: int) -> Path | None:
+    """Save ``NAME-stepNNNNNNNN-state`` at the step where the signal stopped the loop."""
+    run.interrupted = True
+    if run.cfg.no_save_state_on_interrupt:
+        log.warning("interrupted at step %d; no state saved (--no_save_state_on_interrupt)", run.state.global_step)
+        return None
+    path = save_state(run, batches_done, step=run.state.global_step)
+    log.warning("interrupted at step %d; resume with --resume %s", run.state.global_step, path)
     return path

@@ -198,6 +198,7 @@ def make_text_encoder(cfg, models, data, accelerator):
         te.to(accelerator.device, dtype=torch.float32 if cfg.train_text_encoder else dtype)
         te.requires_grad_(bool(cfg.train_text_encoder))
     if cfg.cache_text_encoder_outputs:
+        _check_captions_are_fixed(data)
         folder = Path(cfg.output_dir) if cfg.cache_text_encoder_outputs_to_disk else None
         cache = TextEncoderCache(models, cfg.max_token_length or 75, folder)
         captions = sorted({item.caption for item in data.items})
@@ -211,6 +212,28 @@ def make_text_encoder(cfg, models, data, accelerator):
             return encode_captions(models, caps, cfg.max_token_length or 75)
 
     return frozen
+
+
+def _check_captions_are_fixed(data) -> None:
+    """Cached text-encoder outputs need each image's caption to be the same at every step."""
+    from library.captions import caption_varies
+
+    for item in data.items:
+        varying = caption_varies(item.subset)
+        if varying:
+            raise ConfigError(
+                f"--cache_text_encoder_outputs cannot be used when captions change between steps ({', '.join(varying)})",
+                where=str(item.subset.metadata_file or item.subset.image_dir),
+                hint="turn those options off in the dataset config, or drop --cache_text_encoder_outputs",
+            )
+
+
+def check_sample_prompts(cfg) -> None:
+    """Read the sample prompt file at start-up, so a bad line fails before hours of training."""
+    if cfg.sample_prompts:
+        from library.sample_prompts import load_prompts
+
+        load_prompts(cfg.sample_prompts)
 
 
 def _to_device(cond, accelerator):
@@ -284,11 +307,18 @@ def total_steps(cfg, data: TrainData, accelerator) -> int:
     return cfg.max_train_steps
 
 
-def make_scheduler(cfg, optimizer, max_steps: int):
-    from library.lr_schedulers import build_scheduler
+def make_scheduler(cfg, optimizer, max_steps: int, num_processes: int = 1):
+    """The LR schedule. accelerate's prepared scheduler steps once per process for every optimizer
+    step, so the schedule is laid out over ``max_steps * num_processes`` (as kohya does)."""
+    from library.lr_schedulers import build_scheduler, warmup_to_steps
 
+    warmup = cfg.lr_warmup_steps
+    if isinstance(warmup, int):
+        warmup = warmup * num_processes
+    elif warmup is not None:
+        warmup = warmup_to_steps(warmup, max_steps) * num_processes
     return build_scheduler(
-        cfg.lr_scheduler, optimizer, num_training_steps=max_steps, warmup_steps=cfg.lr_warmup_steps,
+        cfg.lr_scheduler, optimizer, num_training_steps=max_steps * num_processes, warmup_steps=warmup,
         num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power,
         scheduler_type=cfg.lr_scheduler_type, scheduler_args=cfg.lr_scheduler_args,
     )  # fmt: skip

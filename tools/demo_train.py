@@ -81,6 +81,7 @@ def main(argv=None) -> int:
         "--gradient_checkpointing", "--mixed_precision", "no",
         "--sample_every_n_steps", "10", "--sample_prompts", str(prompts), "--sample_sampler", "euler_a",
         "--save_every_n_steps", "10", "--save_precision", "fp16", "--save_state", "--seed", "42",
+        "--max_data_loader_n_workers", "1",
     ]  # fmt: skip
     start = time.time()
     print("$ " + " ".join(command[1:]), flush=True)
