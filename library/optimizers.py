@@ -315,10 +315,10 @@ def attach_fused_backward(optimizer, max_grad_norm: float | None = None):
         raise ConfigError(f"--fused_backward_pass cannot drive {name}: it needs all gradients at once",
                           hint="use AdaFactor or AdamW, or drop --fused_backward_pass")  # fmt: skip
     handles = []
-    for group in optimizer.param_groups:
+    for index, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
             if param.requires_grad:
-                hook = _fused_step_hook(optimizer, group, max_grad_norm)
+                hook = _fused_step_hook(optimizer, index, max_grad_norm)
                 handles.append(param.register_post_accumulate_grad_hook(hook))
 
     def remove() -> None:
@@ -328,15 +328,17 @@ def attach_fused_backward(optimizer, max_grad_norm: float | None = None):
     return remove
 
 
-def _fused_step_hook(optimizer, group: dict, max_grad_norm: float | None):
+def _fused_step_hook(optimizer, group_index: int, max_grad_norm: float | None):
+    """The group is found by position at each call: ``accelerator.prepare`` reloads the optimizer's
+    state dict, which replaces the ``param_groups`` dicts (an identity check would never match)."""
     def step_one(param) -> None:
         import torch
 
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
         saved = [g["params"] for g in optimizer.param_groups]
-        for g in optimizer.param_groups:  # the optimizer sees this one parameter only
-            g["params"] = [param] if g is group else []
+        for index, g in enumerate(optimizer.param_groups):  # the optimizer sees this one parameter only
+            g["params"] = [param] if index == group_index else []
         try:
             optimizer.step()
         finally:

@@ -1,0 +1,89 @@
+"""sdxl_train.py options beyond the default path: text encoders, --block_lr, NaN stop, logging,
+diffusers output, fused backward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from library.errors import UserError
+from test_train_loop import base_args, poster_set, run_train  # noqa: F401  (poster_set is a fixture)
+
+FAST = ("--max_data_loader_n_workers", "0")
+
+
+def _changed(before: dict, after: dict, prefix: str) -> tuple[int, int]:
+    keys = [k for k in before if k.startswith(prefix)]
+    return sum(not torch.equal(before[k], after[k]) for k in keys), len(keys)
+
+
+def test_train_text_encoder_with_te1_frozen_by_zero_rate(tiny_sdxl, poster_set, tmp_path):
+    out = tmp_path / "te"
+    args = base_args(tiny_sdxl, poster_set, out, 2, "--train_text_encoder", "--learning_rate_te1", "0",
+                     "--learning_rate_te2", "1e-3", *FAST)
+    assert run_train(args) == 0
+    before, after = load_file(str(tiny_sdxl["single_file"])), load_file(str(out / "poster.safetensors"))
+    assert _changed(before, after, "conditioner.embedders.0.")[0] == 0
+    changed, total = _changed(before, after, "conditioner.embedders.1.model.transformer.")
+    assert changed > total // 2
+
+
+def test_block_lr_zero_freezes_those_blocks(tiny_sdxl, poster_set, tmp_path):
+    out = tmp_path / "blocks"
+    rates = ["1e-3"] * 23
+    for frozen in (0, 1, 10, 22):  # embeddings, input_blocks.0 (conv_in), middle_block.0, out
+        rates[frozen] = "0"
+    assert run_train(base_args(tiny_sdxl, poster_set, out, 2, "--block_lr", ",".join(rates), *FAST)) == 0
+    before, after = load_file(str(tiny_sdxl["single_file"])), load_file(str(out / "poster.safetensors"))
+    unet = "model.diffusion_model."
+    for prefix in ("time_embed.", "label_emb.", "input_blocks.0.", "middle_block.0.", "out."):
+        assert _changed(before, after, unet + prefix)[0] == 0, prefix
+    for prefix in ("input_blocks.4.", "middle_block.1.", "output_blocks.8."):
+        assert _changed(before, after, unet + prefix)[0] > 0, prefix
+
+
+def test_nan_loss_stops_with_a_clear_message_and_a_saved_state(tiny_sdxl, poster_set, tmp_path):
+    out = tmp_path / "nan"
+    args = base_args(tiny_sdxl, poster_set, out, 5, *FAST)
+    args[args.index("--optimizer_type") + 1] = "SGDNesterov"
+    index = args.index("--optimizer_args")
+    del args[index:index + 5]
+    args[args.index("--learning_rate") + 1] = "1e30"
+    with pytest.raises(UserError, match="loss became"):
+        run_train(args)
+    assert (out / "poster-nan-state" / "train_state.json").is_file()
+    assert not (out / "poster.safetensors").exists()
+
+
+def test_tensorboard_logs_are_written(tiny_sdxl, poster_set, tmp_path):
+    out = tmp_path / "logged"
+    logs = tmp_path / "logs"
+    assert run_train(base_args(tiny_sdxl, poster_set, out, 2, "--logging_dir", str(logs), "--log_with",
+                               "tensorboard", *FAST)) == 0
+    events = list(logs.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_diffusers_output_and_fp16_precision(tiny_sdxl, poster_set, tmp_path):
+    out = tmp_path / "diffusers_out"
+    assert run_train(base_args(tiny_sdxl, poster_set, out, 1, "--save_model_as", "diffusers",
+                               "--save_precision", "fp16", *FAST)) == 0
+    unet = load_file(str(out / "poster" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in unet.values()} == {torch.float16}
+    assert (out / "poster" / "tokenizer_2").is_dir()
+
+
+def test_fused_backward_matches_the_plain_step(tiny_sdxl, poster_set, tmp_path):
+    """Without clipping the fused step is the same update (with --max_grad_norm it clips each tensor
+    on its own, as kohya's fused pass does, so it is not compared there)."""
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    no_clip = ("--max_grad_norm", "0", *FAST)
+    assert run_train(base_args(tiny_sdxl, poster_set, plain, 2, *no_clip)) == 0
+    assert run_train(base_args(tiny_sdxl, poster_set, fused, 2, "--fused_backward_pass", *no_clip)) == 0
+    a, b = load_file(str(plain / "poster.safetensors")), load_file(str(fused / "poster.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a[k], load_file(str(tiny_sdxl["single_file"]))[k]) for k in a)
