@@ -138,8 +138,28 @@ def sample_images(run: Run, step: int, epoch: int | None) -> list[Path]:
         )  # fmt: skip
         for path in paths:
             log.info("sample %s", path)
+        log_sample_images(accelerator, paths, step)
     accelerator.wait_for_everyone()
     return paths
+
+
+def log_sample_images(accelerator, paths: list[Path], step: int) -> None:
+    """Send sample images to the trackers that take images (TensorBoard, W&B)."""
+    if not paths or not getattr(accelerator, "trackers", None):
+        return
+    import numpy as np
+    from PIL import Image
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            writer = tracker.writer
+            for index, path in enumerate(paths):
+                with Image.open(path) as image:
+                    writer.add_image(f"samples/{index:02d}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"samples": [wandb.Image(str(p)) for p in paths]}, step=step)
 
 
 def after_step(run: Run, batches_done: int) -> None:

@@ -61,10 +61,19 @@ def test_nan_loss_stops_with_a_clear_message_and_a_saved_state(tiny_sdxl, poster
 def test_tensorboard_logs_are_written(tiny_sdxl, poster_set, tmp_path):
     out = tmp_path / "logged"
     logs = tmp_path / "logs"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a poster --d 1 --s 2 --w 64 --h 64\n", encoding="utf-8")
     assert run_train(base_args(tiny_sdxl, poster_set, out, 2, "--logging_dir", str(logs), "--log_with",
-                               "tensorboard", *FAST)) == 0
+                               "tensorboard", "--sample_prompts", str(prompts), "--sample_every_n_steps", "2",
+                               *FAST)) == 0
     events = list(logs.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+    assert acc.Images("samples/00")[0].step == 2
 
 
 def test_diffusers_output_and_fp16_precision(tiny_sdxl, poster_set, tmp_path):
