@@ -70,6 +70,8 @@ def main(argv=None) -> int:
         models.text_encoder1, models.text_encoder2 = accelerator.prepare(models.text_encoder1, models.text_encoder2)
 
     run = Run(cfg, accelerator, models, data, noise_rng=torch.Generator().manual_seed(cfg.seed), state=TrainState())
+    run.encode_text = text
+    run.validation = setup.build_validation(cfg, data, models, accelerator)
     if cfg.resume:
         run.state = setup.resume(cfg, accelerator, data.sampler, run.noise_rng)
     setup.print_summary(cfg, accelerator, models, data, optimizer, max_steps, run.state)

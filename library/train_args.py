@@ -162,6 +162,9 @@ OPTIMIZER = Section("optimizer_arguments", "optimizer and learning-rate schedule
 
 SAMPLING = Section("sample_prompt_arguments", "sample images during training", (
     opt("sample_every_n_steps", "int", None, "generate samples every N steps"),
+    opt("validate_every_n_steps", "int", None,
+        "every N steps, log the deterministic loss on the held-out images (validation_split in the dataset TOML)"),
+    opt("validation_timesteps", "str", "100,300,500,700,900", "fixed timesteps of the validation loss (comma separated)"),
     opt("sample_every_n_epochs", "int", None, "generate samples every N epochs"),
     flag("sample_at_first", "generate samples before the first step"),
     opt("sample_prompts", "str", None, "prompt file (.txt with kohya's --n/--w/--h/--d/--s/--l options, .toml or .json)"),
@@ -566,6 +569,11 @@ def _check_schedule(cfg, where) -> None:
 
 
 def _check_formats(cfg, where) -> None:
+    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", str(cfg.validation_timesteps)) or any(
+        int(t) >= 1000 for t in str(cfg.validation_timesteps).split(",")
+    ):
+        raise ConfigError(f"--validation_timesteps '{cfg.validation_timesteps}' must be integers below 1000, "
+                          "comma separated", where=where("validation_timesteps"))  # fmt: skip
     parse_key_values(cfg.optimizer_args, "--optimizer_args")
     parse_key_values(cfg.lr_scheduler_args, "--lr_scheduler_args")
     if cfg.resolution is not None and not re.fullmatch(r"\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)?", cfg.resolution):

@@ -60,6 +60,8 @@ class Run:
     noise_rng: object
     state: TrainState
     seen: set = field(default_factory=set)  # image keys this process trained on (for the rank report)
+    validation: object = None  # library.validation.ValidationSet, when images are held out
+    encode_text: object = None  # captions -> TextConditioning (what the loop uses)
     signal_received: int | None = None  # set by the SIGINT/SIGTERM handler
     interrupted: bool = False  # the loop stopped early on a signal
 
@@ -162,8 +164,27 @@ def log_sample_images(accelerator, paths: list[Path], step: int) -> None:
             tracker.log({"samples": [wandb.Image(str(p)) for p in paths]}, step=step)
 
 
+def validate(run: Run) -> dict[str, float]:
+    """The deterministic validation loss, logged as ``loss/validation`` and per timestep."""
+    from library.noise import NoiseSchedule
+    from library.validation import validation_loss
+
+    cfg, accelerator = run.cfg, run.accelerator
+    timesteps = tuple(int(t) for t in str(cfg.validation_timesteps).split(",") if t.strip())
+    logs = validation_loss(
+        accelerator.unwrap_model(run.models.unet), run.encode_text, NoiseSchedule.from_config(cfg), run.validation,
+        timesteps=timesteps, v_prediction=cfg.v_parameterization, seed=cfg.seed, device=accelerator.device,
+    )  # fmt: skip
+    accelerator.log(prefixed(cfg, logs), step=run.state.global_step)
+    if accelerator.is_main_process:
+        log.info("step %d: validation loss %.5f", run.state.global_step, logs["loss/validation"])
+    return logs
+
+
 def after_step(run: Run, batches_done: int) -> None:
     cfg, step = run.cfg, run.state.global_step
+    if run.validation is not None and _every(cfg.validate_every_n_steps, step):
+        validate(run)
     if _every(cfg.sample_every_n_steps, step):
         sample_images(run, step=step, epoch=run.state.epoch)
     if _every(cfg.save_every_n_steps, step):

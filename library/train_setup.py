@@ -89,6 +89,7 @@ def load_models(cfg, accelerator):
 @dataclass
 class TrainData:
     items: list
+    validation_items: list
     dataset: Any
     sampler: Any
     loader: Any
@@ -144,6 +145,7 @@ def build_data(cfg, accelerator, models) -> TrainData:
         )  # fmt: skip
         items, cache_paths = cached_only(items, None if cfg.cache_latents_to_disk else _cache_dir(cfg))
         models.vae.to("cpu")
+    items, cache_paths, held_out = _hold_out_validation(dataset_cfg, items, cache_paths)
     dataset = TrainDataset(items, seed=cfg.seed, cache_paths=cache_paths, max_train_steps=cfg.max_train_steps)
     sampler = BucketBatchSampler.from_items(
         items, dataset_cfg, seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes
@@ -153,7 +155,43 @@ def build_data(cfg, accelerator, models) -> TrainData:
         persistent_workers=cfg.persistent_data_loader_workers and cfg.max_data_loader_n_workers > 0,
     )  # fmt: skip
     resolution = tuple(dataset_cfg.datasets[0].resolution)
-    return TrainData(items, dataset, sampler, loader, cache_paths is not None, resolution)
+    return TrainData(items, held_out, dataset, sampler, loader, cache_paths is not None, resolution)
+
+
+def _hold_out_validation(dataset_cfg, items, cache_paths):
+    """Split off each dataset's ``validation_split`` (by ``validation_seed``): never trained on.
+    Returns the training items, their cache paths, and the held-out ``(item, cache_path)`` pairs."""
+    from library.train_dataset import split_validation
+
+    paths = cache_paths if cache_paths is not None else [None] * len(items)
+    path_of = {id(item): path for item, path in zip(items, paths)}
+    train, held = [], []
+    for index, dataset in enumerate(dataset_cfg.datasets):
+        mine = [item for item in items if item.dataset_index == index]
+        kept, out = split_validation(mine, dataset.validation_split, dataset.validation_seed)
+        train += kept
+        held += out
+    order = {id(item): n for n, item in enumerate(items)}
+    train.sort(key=lambda item: order[id(item)])
+    train_paths = [path_of[id(item)] for item in train] if cache_paths is not None else None
+    return train, train_paths, [(item, path_of[id(item)]) for item in held]
+
+
+def build_validation(cfg, data: TrainData, models, accelerator):
+    """The decoded validation set, or None when nothing is held out or validation is off."""
+    if not data.validation_items or not cfg.validate_every_n_steps:
+        if cfg.validate_every_n_steps and accelerator.is_main_process:
+            log.warning("--validate_every_n_steps is set but no image is held out (set validation_split)")
+        return None
+    from library.train_dataset import TrainDataset
+    from library.validation import build_validation_set
+
+    items = [item for item, _ in data.validation_items]
+    paths = [path for _, path in data.validation_items]
+    dataset = TrainDataset(items, seed=cfg.seed, cache_paths=paths if data.cached_latents else None)
+    vset = build_validation_set(dataset, lambda batch: batch_latents(batch, models, accelerator))
+    log.info("validation: %d held-out images, timesteps %s", len(items), cfg.validation_timesteps)
+    return vset
 
 
 def _cache_dir(cfg) -> Path:
@@ -201,7 +239,7 @@ def make_text_encoder(cfg, models, data, accelerator):
         _check_captions_are_fixed(data)
         folder = Path(cfg.output_dir) if cfg.cache_text_encoder_outputs_to_disk else None
         cache = TextEncoderCache(models, cfg.max_token_length or 75, folder)
-        captions = sorted({item.caption for item in data.items})
+        captions = sorted({item.caption for item in data.items} | {i.caption for i, _ in data.validation_items})
         cache.fill(captions, batch_size=max(cfg.train_batch_size, 1))
         return lambda caps: _to_device(cache.get(caps), accelerator)
     if cfg.train_text_encoder:

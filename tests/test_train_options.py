@@ -96,3 +96,46 @@ def test_fused_backward_matches_the_plain_step(tiny_sdxl, poster_set, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(a[k], load_file(str(tiny_sdxl["single_file"]))[k]) for k in a)
+
+
+def test_validation_loss_is_deterministic_and_held_out_images_are_not_trained(tiny_sdxl, poster_set, tmp_path):
+    import json
+
+    from library.config_util import load_dataset_config
+
+    toml = tmp_path / "val.toml"
+    text = poster_set.read_text(encoding="utf-8").replace("enable_bucket = true\n",
+                                                          "enable_bucket = true\nvalidation_split = 0.34\nvalidation_seed = 5\n")
+    toml.write_text(text, encoding="utf-8")
+    assert load_dataset_config(toml).datasets[0].validation_split == 0.34
+    report = tmp_path / "report"
+    logs = tmp_path / "logs"
+    import os
+
+    os.environ["SDXL_POSTER_RANK_REPORT"] = str(report)
+    try:
+        assert run_train(base_args(tiny_sdxl, toml, tmp_path / "v", 4, "--validate_every_n_steps", "2",
+                                   "--logging_dir", str(logs), "--learning_rate", "0", *FAST)) == 0
+    finally:
+        del os.environ["SDXL_POSTER_RANK_REPORT"]
+    seen = set(json.loads((report / "rank0.json").read_text())["images"])
+    assert len(seen) == 4  # 6 posters, 2 held out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next(logs.rglob("events.out.tfevents.*")).parent))
+    acc.Reload()
+    values = [e.value for e in acc.Scalars("loss/validation")]
+    assert [e.step for e in acc.Scalars("loss/validation")] == [2, 4]
+    assert values[0] == values[1] > 0  # learning rate 0: same weights, same number
+    assert "loss/validation_t500" in acc.Tags()["scalars"]
+
+
+def test_validation_does_not_disturb_training(tiny_sdxl, poster_set, tmp_path):
+    toml = tmp_path / "val.toml"
+    toml.write_text(poster_set.read_text(encoding="utf-8").replace(
+        "enable_bucket = true\n", "enable_bucket = true\nvalidation_split = 0.34\n"), encoding="utf-8")
+    with_val, without = tmp_path / "with", tmp_path / "without"
+    assert run_train(base_args(tiny_sdxl, toml, with_val, 3, "--validate_every_n_steps", "1", *FAST)) == 0
+    assert run_train(base_args(tiny_sdxl, toml, without, 3, *FAST)) == 0
+    a, b = load_file(str(with_val / "poster.safetensors")), load_file(str(without / "poster.safetensors"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
