@@ -72,8 +72,14 @@ def main(argv=None) -> int:
     run = Run(cfg, accelerator, models, data, noise_rng=torch.Generator().manual_seed(cfg.seed), state=TrainState())
     run.encode_text = text
     run.validation = setup.build_validation(cfg, data, models, accelerator)
+    if cfg.ema:
+        from library.ema import EMA
+
+        run.ema = EMA(accelerator.unwrap_model(models.unet), cfg.ema_decay, cfg.ema_update_every, cfg.ema_device)
     if cfg.resume:
         run.state = setup.resume(cfg, accelerator, data.sampler, run.noise_rng)
+        if run.ema is not None:
+            run.ema.load(cfg.resume)
     setup.print_summary(cfg, accelerator, models, data, optimizer, max_steps, run.state)
     with events.stop_on_signals(run):
         train(run, text, optimizer, scheduler, params, max_steps)
@@ -135,6 +141,8 @@ def train(run, text, optimizer, scheduler, params, max_steps: int) -> None:
             if not accelerator.sync_gradients:
                 continue
             state.global_step += 1
+            if run.ema is not None:
+                run.ema.update(accelerator.unwrap_model(unet), state.global_step)
             bar.update(1)
             logs = {"loss": loss.detach().item(), "lr": scheduler.get_last_lr()[0]}
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")

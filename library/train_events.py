@@ -61,6 +61,7 @@ class Run:
     state: TrainState
     seen: set = field(default_factory=set)  # image keys this process trained on (for the rank report)
     validation: object = None  # library.validation.ValidationSet, when images are held out
+    ema: object = None  # library.ema.EMA of the UNet, with --ema
     encode_text: object = None  # captions -> TextConditioning (what the loop uses)
     signal_received: int | None = None  # set by the SIGINT/SIGTERM handler
     interrupted: bool = False  # the loop stopped early on a signal
@@ -70,15 +71,33 @@ class Run:
         return tuple(self.data.resolution)
 
 
+def ema_weights(run: Run):
+    """A context in which the UNet holds its EMA weights (a no-op without --ema)."""
+    if run.ema is None:
+        return contextlib.nullcontext()
+    return run.ema.applied(run.accelerator.unwrap_model(run.models.unet))
+
+
 def save_model_file(run: Run, step=None, epoch=None) -> Path | None:
+    """The model file (the EMA weights with --ema; the raw ones too with --save_raw_with_ema)."""
+    path = None
+    if run.ema is not None and run.cfg.save_raw_with_ema:
+        _save_model_file(run, run.cfg.output_name + "-raw", step, epoch)
+    with ema_weights(run):
+        path = _save_model_file(run, run.cfg.output_name, step, epoch)
+    return path
+
+
+def _save_model_file(run: Run, output_name: str, step=None, epoch=None) -> Path | None:
     cfg, accelerator = run.cfg, run.accelerator
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / model_name(cfg.output_name, cfg.save_model_as, step=step, epoch=epoch)
+        path = out / model_name(output_name, cfg.save_model_as, step=step, epoch=epoch)
         meta = {"ss_training_step": str(step or ""), "ss_training_epoch": str(epoch or ""),
+                "ss_ema": str(run.ema is not None and output_name == cfg.output_name),
                 "ss_learning_rate": str(cfg.learning_rate), "ss_optimizer": str(cfg.optimizer_type)}  # fmt: skip
         save_model(unwrapped(run.models, accelerator), path, cfg.save_model_as, cfg.save_precision or "float",
                    title=cfg.output_name, resolution=int(max(run.resolution)), metadata=meta,
@@ -109,6 +128,8 @@ def save_state(run: Run, batches_done: int, tag=None, step=None, epoch=None, sta
             sampler_state=run.data.sampler.state_dict(batches_done=batches_done, epoch=state.epoch),
             noise_rng_state=run.noise_rng.get_state().tolist(),
         )
+        if run.ema is not None:
+            run.ema.save(tmp)
         atomic_write_text(tmp / TRAIN_STATE_FILE, json.dumps(asdict(snapshot)))
         old = None
         if final.exists():
@@ -132,12 +153,14 @@ def sample_images(run: Run, step: int, epoch: int | None) -> list[Path]:
         from library.sampling import generate_samples
 
         prompts = load_prompts(cfg.sample_prompts)
-        paths = generate_samples(
+        use_ema = contextlib.nullcontext() if cfg.no_sample_with_ema else ema_weights(run)
+        with use_ema:
+            paths = generate_samples(
             unwrapped(run.models, accelerator), prompts, Path(cfg.output_dir), step=step, epoch=epoch,
-            output_name=cfg.output_name, default_size=run.resolution, sampler_name=cfg.sample_sampler,
-            seed=cfg.seed, device=accelerator.device,
-            prediction_type="v_prediction" if cfg.v_parameterization else None,
-        )  # fmt: skip
+                output_name=cfg.output_name, default_size=run.resolution, sampler_name=cfg.sample_sampler,
+                seed=cfg.seed, device=accelerator.device,
+                prediction_type="v_prediction" if cfg.v_parameterization else None,
+            )  # fmt: skip
         for path in paths:
             log.info("sample %s", path)
         log_sample_images(accelerator, paths, step)
@@ -194,6 +217,7 @@ def after_step(run: Run, batches_done: int) -> None:
         if run.accelerator.is_main_process:
             out = Path(cfg.output_dir)
             prune_step_saves(out, cfg.output_name, step, cfg.save_last_n_steps)
+            prune_step_saves(out, cfg.output_name + "-raw", step, cfg.save_last_n_steps)
             prune_step_saves(out, cfg.output_name, step, cfg.save_last_n_steps_state or cfg.save_last_n_steps, state=True)
 
 
@@ -211,6 +235,7 @@ def after_epoch(run: Run) -> None:
         if run.accelerator.is_main_process:
             out = Path(cfg.output_dir)
             prune_epoch_saves(out, cfg.output_name, cfg.save_last_n_epochs)
+            prune_epoch_saves(out, cfg.output_name + "-raw", cfg.save_last_n_epochs)
             prune_epoch_saves(out, cfg.output_name, cfg.save_last_n_epochs_state or cfg.save_last_n_epochs, state=True)
 
 
