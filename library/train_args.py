@@ -168,6 +168,10 @@ OPTIMIZER = Section("optimizer_arguments", "optimizer and learning-rate schedule
 
 SAMPLING = Section("sample_prompt_arguments", "sample images during training", (
     opt("sample_every_n_steps", "int", None, "generate samples every N steps"),
+    opt("sample_score_clip_model", "str", None,
+        "score each sample with this CLIP (hub id or folder, e.g. openai/clip-vit-large-patch14) and log it"),
+    opt("sample_score_aesthetic_model", "str", None,
+        "score each sample with the LAION aesthetic predictor (.pth/.safetensors; needs --sample_score_clip_model)"),
     opt("validate_every_n_steps", "int", None,
         "every N steps, log the deterministic loss on the held-out images (validation_split in the dataset TOML)"),
     opt("validation_timesteps", "str", "100,300,500,700,900", "fixed timesteps of the validation loss (comma separated)"),

@@ -62,6 +62,7 @@ class Run:
     seen: set = field(default_factory=set)  # image keys this process trained on (for the rank report)
     validation: object = None  # library.validation.ValidationSet, when images are held out
     ema: object = None  # library.ema.EMA of the UNet, with --ema
+    scorer: object = None  # library.evaluation.scoring.Scorer for --sample_score_*, made at first use
     encode_text: object = None  # captions -> TextConditioning (what the loop uses)
     signal_received: int | None = None  # set by the SIGINT/SIGTERM handler
     interrupted: bool = False  # the loop stopped early on a signal
@@ -164,8 +165,45 @@ def sample_images(run: Run, step: int, epoch: int | None) -> list[Path]:
         for path in paths:
             log.info("sample %s", path)
         log_sample_images(accelerator, paths, step)
+        if cfg.sample_score_clip_model:
+            score_samples(run, paths, [p.prompt for p in prompts], step)
     accelerator.wait_for_everyone()
     return paths
+
+
+def score_samples(run: Run, paths: list[Path], prompts: list[str], step: int) -> dict[str, float]:
+    """CLIP and aesthetic scores of this step's samples (the evaluation tool's scorer): appended to
+    ``OUT/sample/scores.csv`` and logged as ``samples/clip_score`` / ``samples/aesthetic_score``."""
+    import csv
+    import io
+    import math
+
+    from PIL import Image
+
+    from library.evaluation.scoring import Scorer
+
+    cfg = run.cfg
+    if run.scorer is None:
+        run.scorer = Scorer(cfg.sample_score_clip_model, cfg.sample_score_aesthetic_model,
+                            device=str(run.accelerator.device))  # fmt: skip
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    clip, aesthetic = run.scorer.score(images, prompts[: len(images)])
+    table = Path(cfg.output_dir) / "sample" / "scores.csv"
+    old = table.read_text(encoding="utf-8") if table.is_file() else "step,file,prompt,clip_score,aesthetic_score\n"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    for path, prompt, c, a in zip(paths, prompts, clip, aesthetic):
+        writer.writerow([step, path.name, prompt, f"{c:.6f}", f"{a:.6f}"])
+    atomic_write_text(table, old + buffer.getvalue())
+    logs = {"samples/clip_score": sum(clip) / len(clip)}
+    if not any(math.isnan(a) for a in aesthetic):
+        logs["samples/aesthetic_score"] = sum(aesthetic) / len(aesthetic)
+    run.accelerator.log(prefixed(cfg, logs), step=step)
+    log.info("step %d sample scores: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+    return logs
 
 
 def log_sample_images(accelerator, paths: list[Path], step: int) -> None:

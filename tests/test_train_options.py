@@ -139,3 +139,29 @@ def test_validation_does_not_disturb_training(tiny_sdxl, poster_set, tmp_path):
     assert run_train(base_args(tiny_sdxl, toml, without, 3, *FAST)) == 0
     a, b = load_file(str(with_val / "poster.safetensors")), load_file(str(without / "poster.safetensors"))
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_samples_are_scored_with_the_evaluation_scorer(tiny_sdxl, poster_set, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from library.evaluation.scoring import Scorer
+    from library.evaluation.tiny_clip import make_random_aesthetic, make_tiny_clip
+
+    clip_dir = make_tiny_clip(tmp_path / "clip")
+    aesthetic = make_random_aesthetic(tmp_path / "aesthetic.safetensors", input_size=16)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red poster --d 1 --s 2 --w 64 --h 64\na blue poster --d 2 --s 2 --w 64 --h 64\n")
+    out = tmp_path / "scored"
+    assert run_train(base_args(tiny_sdxl, poster_set, out, 2, "--sample_prompts", str(prompts),
+                               "--sample_every_n_steps", "1", "--sample_score_clip_model", str(clip_dir),
+                               "--sample_score_aesthetic_model", str(aesthetic), *FAST)) == 0
+    rows = list(csv.DictReader((out / "sample" / "scores.csv").open(encoding="utf-8")))
+    assert [r["step"] for r in rows] == ["1", "1", "2", "2"]
+    scorer = Scorer(str(clip_dir), str(aesthetic), device="cpu")
+    last = rows[-1]
+    image = Image.open(out / "sample" / last["file"]).convert("RGB")
+    clip, score = scorer.score([image], [last["prompt"]])
+    assert abs(float(last["clip_score"]) - clip[0]) < 1e-5
+    assert abs(float(last["aesthetic_score"]) - score[0]) < 1e-5
