@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,10 @@ def build_data(cfg, accelerator, models) -> TrainData:
     sampler = BucketBatchSampler.from_items(
         items, dataset_cfg, seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes
     )
+    workers = min(cfg.max_data_loader_n_workers, os.cpu_count() or 1)  # kohya's default 8 oversubscribes small machines
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.max_data_loader_n_workers,
-        persistent_workers=cfg.persistent_data_loader_workers and cfg.max_data_loader_n_workers > 0,
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+        persistent_workers=cfg.persistent_data_loader_workers and workers > 0,
     )  # fmt: skip
     resolution = tuple(dataset_cfg.datasets[0].resolution)
     return TrainData(items, held_out, dataset, sampler, loader, cache_paths is not None, resolution)
