@@ -51,11 +51,12 @@ def main(argv=None) -> int:
     from library.train_events import Run
 
     setup.check_sample_prompts(cfg)
+    dataset_cfg = setup.dataset_config(cfg)
     accelerator = setup.make_accelerator(cfg)
     set_seed(cfg.seed)
     models = setup.load_models(cfg, accelerator)
     setup.prepare_models(cfg, models, accelerator)
-    data = setup.build_data(cfg, accelerator, models)
+    data = setup.build_data(cfg, dataset_cfg, accelerator, models)
     text = setup.make_text_encoder(cfg, models, data, accelerator)
     params = setup.trainable_parameters(cfg, models)
     optimizer = setup.make_optimizer(cfg, params)

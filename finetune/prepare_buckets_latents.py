@@ -69,6 +69,18 @@ def _resolution(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _check_out_json(path: str) -> None:
+    """A folder at out_json, or a file in the way of its folder, is found now, not after caching every latent."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError("out_json is a folder", where=path, hint="give a .json file path")
+    for part in target.resolve().parents:
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"{part} is a file, not a folder", where=path, hint="choose another out_json path")
+            return
+
+
 def _load_vae(args):
     import torch
 
@@ -114,6 +126,7 @@ def main(argv=None) -> int:
 
     if Path(args.out_json).resolve() == Path(args.in_json).resolve():
         raise ConfigError("out_json is the same file as in_json", hint="write to a new file, e.g. meta_lat.json")
+    _check_out_json(args.out_json)
     for flag in ("batch_size", "max_data_loader_n_workers", "bucket_reso_steps"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from library.dedup import perceptual_hash
+from library.images import upright_size
 
 @dataclass(frozen=True)
 class QualityRules:
@@ -85,7 +86,7 @@ def inspect_image(path: Path, rules: QualityRules, hashes: bool = True) -> Image
     width = height = dpi = None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
+            width, height = upright_size(image)  # a sideways-stored phone photo counts upright
             dpi = image_dpi(image.info)
             if width <= 0 or height <= 0:
                 raise ValueError("empty image")

@@ -82,6 +82,12 @@ def _header_orientation(img) -> int:
     return exif.get(_EXIF_ORIENTATION, 1)
 
 
+def upright_size(img) -> tuple[int, int]:
+    """``(width, height)`` of an opened PIL image as displayed, i.e. after its EXIF orientation."""
+    width, height = img.size
+    return (height, width) if _header_orientation(img) in _SWAPPED_ORIENTATIONS else (width, height)
+
+
 def read_size(path: str | os.PathLike) -> tuple[int, int]:
     """Upright ``(width, height)`` from the header; :class:`DataError` if it is not a readable image."""
     from PIL import Image

@@ -83,7 +83,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors come in many types
         raise ModelError(
-            f"cannot be read safely ({type(err).__name__}: {str(err).splitlines()[0][:160]})",
+            f"cannot be read safely ({type(err).__name__}: {_first_line(err)})",
             where=str(path),
             hint="only weights-only checkpoints are accepted; convert it to .safetensors",
         ) from None
@@ -92,6 +92,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     if not isinstance(loaded, dict):
         raise ModelError("does not hold a state dict", where=str(path))
     return loaded, {}
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error message without terminal colour codes (torch's pickle errors have them)."""
+    import re
+
+    lines = str(err).splitlines() or [""]
+    return re.sub(r"\x1b\[[0-9;]*m", "", lines[0])[:160]
 
 
 def detect_model_kind(state: Mapping[str, Any]) -> str:
@@ -252,16 +260,15 @@ def load_vae_from_file(path: str | Path, config: dict | None = None):
     meta_configs = configs_from_metadata(metadata)
     inferred = meta_configs["vae"] if meta_configs else infer_vae_config({k: tuple(v.shape) for k, v in state.items()})
     if config is not None:
+        if list(inferred["block_out_channels"]) != list(config["block_out_channels"]):  # before building it
+            raise ModelError(
+                f"VAE shape {list(inferred['block_out_channels'])} does not match the model's "
+                f"{list(config['block_out_channels'])}",
+                where=where,
+                hint="use a VAE made for SDXL",
+            )
         inferred = {**config, **{k: inferred[k] for k in ("block_out_channels", "layers_per_block", "latent_channels")}}
-    model = vae_from_sgm(state, inferred, where)
-    if config is not None and list(model.config.block_out_channels) != list(config["block_out_channels"]):
-        raise ModelError(
-            f"VAE shape {list(model.config.block_out_channels)} does not match the model's "
-            f"{list(config['block_out_channels'])}",
-            where=where,
-            hint="use a VAE made for SDXL",
-        )
-    return model.eval()
+    return vae_from_sgm(state, inferred, where).eval()
 
 
 # --- writing ------------------------------------------------------------------------------------

@@ -516,11 +516,26 @@ def validate(cfg, source: _Source) -> None:
                            "lr_warmup_steps", "min_timestep"), 0)  # fmt: skip
     _positive(cfg, where, ("min_snr_gamma", "huber_c", "huber_scale", "multires_noise_discount", "lr_scheduler_power"), 0,
               strict=True)  # fmt: skip
+    _check_output_dir(cfg, where)
     _check_ranges(cfg, where)
     _check_precision(cfg, where)
     _check_text_cache(cfg, where)
     _check_schedule(cfg, where)
     _check_formats(cfg, where)
+
+
+def _check_output_dir(cfg, where) -> None:
+    """A file where --output_dir (or one of its parents) should be: stop now, not after model loading."""
+    path = Path(cfg.output_dir)
+    for part in (path, *path.parents):
+        if not part.exists():
+            continue
+        if not part.is_dir():
+            raise ConfigError(f"--output_dir {cfg.output_dir}: {part} is a file, not a folder", where=where("output_dir"),
+                              hint="choose a folder path that no file is in the way of")  # fmt: skip
+        if not os.access(part, os.W_OK | os.X_OK):
+            raise ConfigError(f"--output_dir {cfg.output_dir}: {part} is not writable", where=where("output_dir"))
+        return
 
 
 def _check_ranges(cfg, where) -> None:

@@ -143,6 +143,10 @@ def _subset_items(subset, where, di, spec, resos, *, strict, workers, sidecar_di
             continue
         bucket = bucket_of.get(size) or bucket_of.setdefault(size, choose_bucket(size, spec, resos))
         items.append(TrainItem(Path(path), key, caption, size, bucket, di, subset))
+    uncaptioned = sum(1 for item in items if not item.caption.strip())
+    if uncaptioned:  # kohya warns too: a missing or empty caption trains the image with an empty prompt
+        log.warning("%s: %d of %d images have no caption (missing or empty caption file or metadata entry); "
+                    "they train with an empty prompt", where, uncaptioned, len(items))  # fmt: skip
     if not items:
         raise DataError(
             "subset has no usable images",

@@ -98,7 +98,9 @@ class TrainData:
     resolution: tuple[int, int]
 
 
-def _dataset_config(cfg):
+def dataset_config(cfg):
+    """The dataset TOML (or --train_data_dir/--in_json) resolved against the flags; read first, so a
+    typo fails before any model is loaded."""
     from library.config_util import config_from_flags, load_dataset_config
 
     defaults = {
@@ -126,14 +128,13 @@ def _dataset_config(cfg):
     return config_from_flags(train_data_dir=cfg.train_data_dir, in_json=cfg.in_json, defaults=defaults)
 
 
-def build_data(cfg, accelerator, models) -> TrainData:
+def build_data(cfg, dataset_cfg, accelerator, models) -> TrainData:
     """Items, latent cache (when asked), dataset, sampler and loader for this rank."""
     import torch
 
     from library.latent_cache import build_latent_cache
     from library.train_dataset import BucketBatchSampler, TrainDataset, build_items, cached_only, collate, make_cache_jobs
 
-    dataset_cfg = _dataset_config(cfg)
     items = list(build_items(dataset_cfg, workers=max(cfg.max_data_loader_n_workers, 2)).items)
     cache_paths = None
     if cfg.cache_latents or cfg.cache_latents_to_disk:

@@ -171,7 +171,11 @@ def summary_line(results: dict[int, FetchResult], seconds: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     jobs = load_jobs(args)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where the folder should be, no permission, ...
+        raise ConfigError(f"cannot create the output folder ({err.strerror})", where=str(args.output_dir),
+                          hint="pass --output_dir a folder path that no file is in the way of") from None
     start = time.perf_counter()
     downloader = Downloader(args.output_dir, args.fetch)
     results: dict[int, FetchResult] = {}

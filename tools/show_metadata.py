@@ -35,9 +35,21 @@ def read_header(path: Path) -> dict:
         if length > 100_000_000 or length > path.stat().st_size - 8:
             raise ModelError("header length is impossible: not a safetensors file or truncated", where=str(path))
         try:
-            return json.loads(handle.read(length).decode("utf-8"))
+            header = json.loads(handle.read(length).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ModelError("header is not valid JSON: corrupt file", where=str(path)) from None
+    _check_complete(header, path, path.stat().st_size - 8 - length)
+    return header
+
+
+def _check_complete(header: dict, path: Path, data_bytes: int) -> None:
+    """The tensors the header lists must all be in the file: a cut-off download is not a model."""
+    ends = [info["data_offsets"][1] for name, info in header.items()
+            if name != "__metadata__" and isinstance(info, dict) and len(info.get("data_offsets") or ()) == 2]
+    needed = max(ends, default=0)
+    if needed > data_bytes:
+        raise ModelError(f"truncated: the header lists {needed:,} bytes of tensors but the file holds {data_bytes:,}",
+                         where=str(path), hint="download or copy the file again")  # fmt: skip
 
 
 def summarize(header: dict) -> dict:
