@@ -125,10 +125,11 @@ def train(run, text, optimizer, scheduler, params, max_steps: int) -> None:
                                 added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": time_ids}).sample
                 target = N.v_target(schedule, latents, noise, timesteps) if cfg.v_parameterization else noise
                 loss = N.compute_loss(pred.float(), target.float(), timesteps, schedule)
-                if not torch.isfinite(loss).all():
+                if not events.loss_is_finite(run, loss):  # checked on every process, so all stop together
                     events.save_state(run, batches_done - 1, tag="nan")
                     raise TrainingError(
-                        f"loss became {loss.item()} at step {state.global_step + 1}; the last good state was saved",
+                        f"loss became {loss.item()} at step {state.global_step + 1} (on some process); "
+                        "the last good state was saved",
                         hint="lower the learning rate, use --no_half_vae or --vae with the fp16-fix VAE, or bf16",
                     )
                 # 4. backward and step (with --fused_backward_pass the step happened inside backward)

@@ -332,6 +332,16 @@ def stop_on_signals(run: Run):
             signal.signal(sig, old)
 
 
+def loss_is_finite(run: Run, loss) -> bool:
+    """False on every process as soon as the loss is NaN/inf on any of them."""
+    import torch
+
+    finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+    if run.accelerator.num_processes > 1:
+        finite = run.accelerator.reduce(finite, reduction="sum") / run.accelerator.num_processes
+    return bool(finite.item() == 1.0)
+
+
 def stop_requested(run: Run) -> bool:
     """True on every process once any process got a signal (so all stop at the same step)."""
     wanted = run.signal_received is not None
