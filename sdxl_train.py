@@ -52,6 +52,11 @@ def main(argv=None) -> int:
 
     setup.check_sample_prompts(cfg)
     dataset_cfg = setup.dataset_config(cfg)
+    if cfg.estimate_memory:
+        from library.memory_estimate import estimate_memory
+
+        print("estimated peak memory:\n" + "\n".join(estimate_memory(cfg, dataset_cfg).lines()))
+        return 0
     accelerator = setup.make_accelerator(cfg)
     set_seed(cfg.seed)
     models = setup.load_models(cfg, accelerator)

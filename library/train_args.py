@@ -66,6 +66,7 @@ MODEL = Section("model_arguments", "model", (
     opt("tokenizer_cache_dir", "str", None, "folder with the two CLIP tokenizers (for offline use)"),
     flag("v_parameterization", "train with the v-prediction target instead of noise (epsilon)"),
     flag("no_half_vae", "keep the VAE in float32 under mixed precision (avoids NaN latents with the original SDXL VAE)"),
+    flag("estimate_memory", "print the expected peak memory (weights, gradients, optimizer state, activations) and stop"),
     flag("lowram", "accepted for kohya compatibility; models are always loaded tensor by tensor without a second copy"),
 ))  # fmt: skip
 
