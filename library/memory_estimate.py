@@ -15,8 +15,9 @@ for the full-size SDXL. Parts:
 - EMA: a float32 copy of the trained weights (on the CPU with --ema_device cpu, listed apart).
 
 Not counted: the CUDA context and allocator slack (typically 0.5-1.5 GB on a GPU), temporary buffers
-inside one kernel, and data-loader workers. Attention kernels differ by backend; the meta forward
-counts the tensors PyTorch's SDPA saves.
+inside one kernel, and data-loader workers. On the meta device attention saves what PyTorch's math
+kernel saves (the attention probabilities); the fused kernels used on GPUs (and on CPUs) save less, so
+the activation figure is an upper bound, most so at high resolution without gradient checkpointing.
 """
 
 from __future__ import annotations
