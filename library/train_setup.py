@@ -25,6 +25,27 @@ def weight_dtype(cfg):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision or "no", torch.float32)
 
 
+def limit_cpu_heap_growth(threshold: int = 4 << 20) -> bool:
+    """Give tensors of ``threshold`` bytes and more back to the system as soon as they are freed.
+
+    glibc serves allocations below its mmap threshold from the heap, and raises that threshold (up to
+    32 MiB) whenever a large block is freed, so the per-parameter temporaries of an optimizer step stay
+    in the heap and fragment it: measured on the full-size SDXL UNet with fused Adafactor on the CPU,
+    peak RSS 7.5 GiB by default, 6.6 GiB with a fixed 4 MiB threshold (benchmarks/train_step.py).
+    Only matters when training runs on the CPU; a no-op (False) where mallopt is unavailable.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
