@@ -67,10 +67,11 @@ def main(argv=None) -> int:
     text = setup.make_text_encoder(cfg, models, data, accelerator)
     params = setup.trainable_parameters(cfg, models)
     optimizer = setup.make_optimizer(cfg, params)
+    fused = None
     if cfg.fused_backward_pass:  # the optimizer steps inside backward: no separate step, no gradients kept
         from library.optimizers import attach_fused_backward
 
-        attach_fused_backward(optimizer, cfg.max_grad_norm)
+        fused = attach_fused_backward(optimizer, cfg.max_grad_norm, cfg.fused_backward_clip)
     max_steps = setup.total_steps(cfg, data, accelerator)
     scheduler = setup.make_scheduler(cfg, optimizer, max_steps, accelerator.num_processes)
     models.unet, optimizer, scheduler = accelerator.prepare(models.unet, optimizer, scheduler)
@@ -90,11 +91,11 @@ def main(argv=None) -> int:
             run.ema.load(cfg.resume)
     setup.print_summary(cfg, accelerator, models, data, optimizer, max_steps, run.state)
     with events.stop_on_signals(run):
-        train(run, text, optimizer, scheduler, params, max_steps)
+        train(run, text, optimizer, scheduler, params, max_steps, fused)
     return 130 if run.interrupted else 0
 
 
-def train(run, text, optimizer, scheduler, params, max_steps: int) -> None:
+def train(run, text, optimizer, scheduler, params, max_steps: int, fused=None) -> None:
     """The training loop. Everything a step touches is visible here."""
     import torch
     from tqdm import tqdm
@@ -140,8 +141,10 @@ def train(run, text, optimizer, scheduler, params, max_steps: int) -> None:
                         hint="lower the learning rate, use --no_half_vae or --vae with the fp16-fix VAE, or bf16",
                     )
                 # 4. backward and step (with --fused_backward_pass the step happened inside backward)
-                accelerator.backward(loss)
-                if not cfg.fused_backward_pass:
+                if fused is not None:
+                    fused.backward(loss, accelerator.backward)  # steps each parameter as its gradient is ready
+                else:
+                    accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
                     optimizer.step()

@@ -298,52 +298,99 @@ def is_relative_step_adafactor(optimizer) -> bool:
 # ------------------------------------------------------------------------- fused backward pass
 
 
-def attach_fused_backward(optimizer, max_grad_norm: float | None = None):
+def attach_fused_backward(optimizer, max_grad_norm: float | None = None, clip: str = "per_tensor"):
     """``--fused_backward_pass``: step each parameter inside backward, as soon as its gradient is
     accumulated, and free that gradient, so a full set of gradients never exists at once.
 
-    After ``loss.backward()`` every parameter is updated and its ``.grad`` is None: do not call
-    ``optimizer.step()`` or clip afterwards (``scheduler.step()`` as usual). Pass the bare optimizer
-    (before ``accelerator.prepare``); one process only and no gradient accumulation (the gradient
-    is not averaged across processes when the hook runs). With ``max_grad_norm`` each parameter's
-    gradient is clipped on its own (kohya's behaviour: the global norm is unknown until backward
-    ends). D-Adaptation/Prodigy, whose update of one parameter depends on all the others, are
-    refused. Returns a function that removes the hooks.
+    Run backward through the returned object's ``backward(loss, backward_fn)``; afterwards every
+    parameter is updated and its ``.grad`` is None: do not call ``optimizer.step()`` or clip
+    (``scheduler.step()`` as usual). Pass the bare optimizer (before ``accelerator.prepare``); one
+    process only and no gradient accumulation (the gradient is not averaged across processes when
+    the hook runs). D-Adaptation/Prodigy, whose update of one parameter depends on all the others,
+    are refused.
+
+    ``max_grad_norm`` with ``clip="per_tensor"`` (``--fused_backward_clip per_tensor``, kohya's
+    behaviour) clips each parameter's gradient on its own: the global norm is unknown until
+    backward ends. ``clip="global"`` clips by the global norm like the unfused step, in two passes:
+    a first backward (graph retained) only sums the squared gradients and frees each one, a second
+    one scales every gradient by ``min(1, max_grad_norm / norm)`` and steps: the same update as
+    ``clip_grad_norm_`` + ``step()``, for one more backward pass of compute and no more memory.
     """
     name = type(optimizer).__name__
     if name.startswith(("DAdapt", "Prodigy")):
         raise ConfigError(f"--fused_backward_pass cannot drive {name}: it needs all gradients at once",
                           hint="use AdaFactor or AdamW, or drop --fused_backward_pass")  # fmt: skip
-    handles = []
-    for index, group in enumerate(optimizer.param_groups):
-        for param in group["params"]:
-            if param.requires_grad:
-                hook = _fused_step_hook(optimizer, index, max_grad_norm)
-                handles.append(param.register_post_accumulate_grad_hook(hook))
+    if clip not in ("per_tensor", "global"):
+        raise ConfigError(f"unknown fused-backward clipping '{clip}'", hint="use per_tensor or global")
+    return FusedBackward(optimizer, max_grad_norm, clip)
 
-    def remove() -> None:
-        for handle in handles:
+
+class FusedBackward:
+    """The hooks of ``attach_fused_backward``; calling the object removes them."""
+
+    def __init__(self, optimizer, max_grad_norm: float | None, clip: str):
+        self.optimizer, self.max_grad_norm, self.clip = optimizer, max_grad_norm, clip
+        self.measuring = False
+        self.squares = None  # sum of squared gradient elements (first pass of global clipping)
+        self.scale = None  # the global clip factor during the second pass
+        self.last_norm: float | None = None
+        self.handles = []
+        for index, group in enumerate(optimizer.param_groups):
+            for param in group["params"]:
+                if param.requires_grad:
+                    self.handles.append(param.register_post_accumulate_grad_hook(self._hook(index)))
+
+    def __call__(self) -> None:
+        for handle in self.handles:
             handle.remove()
+        self.handles = []
 
-    return remove
+    remove = __call__
 
-
-def _fused_step_hook(optimizer, group_index: int, max_grad_norm: float | None):
-    """The group is found by position at each call: ``accelerator.prepare`` reloads the optimizer's
-    state dict, which replaces the ``param_groups`` dicts (an identity check would never match)."""
-    def step_one(param) -> None:
+    def backward(self, loss, backward=None) -> None:
+        """``backward(loss, **kwargs)`` defaults to ``loss.backward``; pass ``accelerator.backward``."""
         import torch
 
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
-        saved = [g["params"] for g in optimizer.param_groups]
-        for index, g in enumerate(optimizer.param_groups):  # the optimizer sees this one parameter only
-            g["params"] = [param] if index == group_index else []
+        backward = backward or (lambda value, **kwargs: value.backward(**kwargs))
+        if self.clip == "global" and self.max_grad_norm:
+            self.measuring, self.squares = True, torch.zeros((), dtype=torch.float32, device=loss.device)
+            try:
+                backward(loss, retain_graph=True)
+            finally:
+                self.measuring = False
+            norm = self.squares.sqrt()
+            self.last_norm = float(norm)
+            self.scale = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         try:
-            optimizer.step()
+            backward(loss)
         finally:
-            for g, params in zip(optimizer.param_groups, saved):
-                g["params"] = params
-        param.grad = None
+            self.scale = None
 
-    return step_one
+    def _hook(self, group_index: int):
+        """The group is found by position at each call: ``accelerator.prepare`` reloads the
+        optimizer's state dict, which replaces the ``param_groups`` dicts (an identity check would
+        never match)."""
+        optimizer = self.optimizer
+
+        def step_one(param) -> None:
+            import torch
+
+            if self.measuring:
+                self.squares += param.grad.detach().float().pow(2).sum()
+                param.grad = None
+                return
+            if self.scale is not None:
+                param.grad.mul_(self.scale.to(param.grad.dtype))
+            elif self.max_grad_norm and self.clip == "per_tensor":
+                torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
+            saved = [g["params"] for g in optimizer.param_groups]
+            for index, g in enumerate(optimizer.param_groups):  # the optimizer sees this one parameter only
+                g["params"] = [param] if index == group_index else []
+            try:
+                optimizer.step()
+            finally:
+                for g, params in zip(optimizer.param_groups, saved):
+                    g["params"] = params
+            param.grad = None
+
+        return step_one

@@ -158,6 +158,9 @@ OPTIMIZER = Section("optimizer_arguments", "optimizer and learning-rate schedule
     flag("no_sample_with_ema", "sample with the raw weights even when --ema is on"),
     flag("save_raw_with_ema", "with --ema, also save the raw weights as NAME-raw..."),
     flag("fused_backward_pass", "step each parameter during backward and free its gradient (saves memory)"),
+    opt("fused_backward_clip", "str", "per_tensor", "how --fused_backward_pass applies --max_grad_norm: per_tensor "
+        "(kohya's: each gradient on its own) or global (the unfused step's global norm, by one more backward pass)",
+        ("per_tensor", "global")),
     opt("lr_scheduler", "str", "constant", "learning-rate schedule",
         ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup", "adafactor")),
     opt("lr_warmup_steps", "steps", 0, "warm-up: steps, or a ratio of the run below 1 (0.05) or a percentage (5%%)"),
@@ -565,6 +568,8 @@ def _check_precision(cfg, where) -> None:
     _requires(cfg, where, "fused_backward_pass", cfg.gradient_accumulation_steps == 1,
               "--fused_backward_pass steps during backward, so it cannot accumulate gradients",
               hint="use --gradient_accumulation_steps 1")  # fmt: skip
+    _requires(cfg, where, "fused_backward_clip", cfg.fused_backward_pass or cfg.fused_backward_clip == "per_tensor",
+              "--fused_backward_clip only applies with --fused_backward_pass", hint="add --fused_backward_pass")  # fmt: skip
 
 
 def _check_text_cache(cfg, where) -> None:

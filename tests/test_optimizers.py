@@ -130,8 +130,8 @@ def test_optional_packages_name_the_pip_package_or_are_used(monkeypatch):
 
 @pytest.mark.parametrize("name, args", [("AdamW", {"weight_decay": 0.01}), ("AdaFactor", {"relative_step": False}),
                                         ("AdamW8bit", {})])  # fmt: skip
-@pytest.mark.parametrize("clip", [None, 0.01])
-def test_fused_backward_pass_equals_a_normal_step(name, args, clip):
+@pytest.mark.parametrize("clip,mode", [(None, "per_tensor"), (0.01, "per_tensor"), (0.01, "global"), (1e3, "global")])
+def test_fused_backward_pass_equals_a_normal_step(name, args, clip, mode):
     from library.optimizers import attach_fused_backward
 
     def setup():
@@ -143,19 +143,24 @@ def test_fused_backward_pass_equals_a_normal_step(name, args, clip):
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
     plain, plain_opt = setup()
     fused, fused_opt = setup()
-    remove = attach_fused_backward(fused_opt, max_grad_norm=clip)
+    hooks = attach_fused_backward(fused_opt, max_grad_norm=clip, clip=mode)
     for _ in range(3):
         plain(x).pow(2).mean().backward()
-        if clip:
+        if clip and mode == "per_tensor":
             for p in plain.parameters():  # kohya's per-parameter clipping
                 torch.nn.utils.clip_grad_norm_([p], clip)
+        elif clip:
+            norm = torch.nn.utils.clip_grad_norm_(list(plain.parameters()), clip)
         plain_opt.step()
         plain_opt.zero_grad(set_to_none=True)
-        fused(x).pow(2).mean().backward()
+        hooks.backward(fused(x).pow(2).mean())
         assert all(p.grad is None for p in fused.parameters())  # freed inside backward
+        if mode == "global":
+            assert hooks.last_norm == pytest.approx(float(norm), rel=1e-5)
+            assert (float(norm) > clip) == (clip < 1)  # 0.01 really clips, 1e3 does not
     for a, b in zip(plain.parameters(), fused.parameters()):
         assert torch.allclose(a, b, atol=1e-7)
     assert all(len(g["params"]) == 2 for g in fused_opt.param_groups)  # groups restored
-    remove()
+    hooks()  # removes the hooks
     fused(x).pow(2).mean().backward()
     assert all(p.grad is not None for p in fused.parameters())

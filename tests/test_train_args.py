@@ -172,6 +172,7 @@ BASE = "--pretrained_model_name_or_path m --output_dir o "
         ("--optimizer_typ AdamW", "did you mean '--optimizer_type'"),
         ("--resolution 1024x768", "is not 1024 or width,height"),
         ("--fused_backward_pass --gradient_accumulation_steps 4", "cannot accumulate"),
+        ("--fused_backward_clip global", "only applies with --fused_backward_pass"),
         ("--lr_scheduler adafactor", "works only with --optimizer_type AdaFactor"),
     ],
 )  # fmt: skip

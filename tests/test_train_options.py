@@ -98,6 +98,23 @@ def test_fused_backward_matches_the_plain_step(tiny_sdxl, poster_set, tmp_path):
     assert any(not torch.equal(a[k], load_file(str(tiny_sdxl["single_file"]))[k]) for k in a)
 
 
+def test_fused_backward_with_global_clipping_matches_the_clipped_plain_step(tiny_sdxl, poster_set, tmp_path):
+    """--fused_backward_clip global: two backward passes (the first only measures the norm), the same
+    weights as clip_grad_norm_ + step; with gradient checkpointing, whose recomputation runs twice."""
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    clip = ("--max_grad_norm", "0.01", "--gradient_checkpointing", *FAST)
+    assert run_train(base_args(tiny_sdxl, poster_set, plain, 2, *clip)) == 0
+    assert run_train(base_args(tiny_sdxl, poster_set, fused, 2, "--fused_backward_pass",
+                               "--fused_backward_clip", "global", *clip)) == 0  # fmt: skip
+    a, b = load_file(str(plain / "poster.safetensors")), load_file(str(fused / "poster.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    per_tensor = tmp_path / "per_tensor"
+    assert run_train(base_args(tiny_sdxl, poster_set, per_tensor, 2, "--fused_backward_pass", *clip)) == 0
+    c = load_file(str(per_tensor / "poster.safetensors"))
+    assert any(not torch.allclose(a[k], c[k], rtol=1e-5, atol=1e-6) for k in a)  # the clipping really differs
+
+
 def test_validation_loss_is_deterministic_and_held_out_images_are_not_trained(tiny_sdxl, poster_set, tmp_path):
     import json
 
