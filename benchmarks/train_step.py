@@ -16,7 +16,8 @@
    clip_threshold=1.0) stepped inside backward by our --fused_backward_pass hook with per-tensor
    clipping at 1.0, one step at batch 1 and a small latent. Prints peak RSS (VmHWM) against the bf16
    weight bytes (goal <= 1.3x, the interpreter and torch included) and --estimate_memory's parts for
-   the same step against the measured growth over the baseline (goal: within 20%).
+   the same step against the measured growth over the baseline (goal: within 20%). With
+   --compare_unfused the plain step (every gradient at once) runs too, for the memory the fusion saves.
 """
 
 from __future__ import annotations
@@ -202,8 +203,8 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def full_size_child(latent: int, batch: int, glibc_default: bool = False) -> None:
-    """Runs in its own process: one fused-Adafactor step of the bf16 full-size UNet."""
+def full_size_child(latent: int, batch: int, glibc_default: bool = False, unfused: bool = False) -> None:
+    """Runs in its own process: one (fused, unless ``unfused``) Adafactor step of the bf16 full-size UNet."""
     import logging
 
     import torch
@@ -221,7 +222,7 @@ def full_size_child(latent: int, batch: int, glibc_default: bool = False) -> Non
     import transformers.optimization  # noqa: F401  (every import done before the baseline)
 
     baseline = _status("VmRSS")
-    estimate = training_step_parts(meta, list(meta.parameters()), "AdaFactor", ADAFACTOR_ARGS, fused_backward=True,
+    estimate = training_step_parts(meta, list(meta.parameters()), "AdaFactor", ADAFACTOR_ARGS, fused_backward=not unfused,
                                    gradient_checkpointing=True, batch=batch, latent_hw=(latent, latent),
                                    context_len=77, compute_dtype=torch.bfloat16)  # fmt: skip
     del meta
@@ -246,7 +247,7 @@ def full_size_child(latent: int, batch: int, glibc_default: bool = False) -> Non
     unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = build_optimizer("AdaFactor", [{"params": params}], LR, dict(ADAFACTOR_ARGS))
-    attach_fused_backward(optimizer, max_grad_norm=1.0)
+    hooks = None if unfused else attach_fused_backward(optimizer, max_grad_norm=1.0)
     before = [p.detach()[:1].clone() for p in params[:3]]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, latent, latent, generator=g).to(torch.bfloat16)
@@ -257,18 +258,24 @@ def full_size_child(latent: int, batch: int, glibc_default: bool = False) -> Non
     start = time.time()
     pred = unet(x, torch.tensor([500] * batch), encoder_hidden_states=context, added_cond_kwargs=cond).sample
     loss = F.mse_loss(pred.float(), noise)
-    loss.backward()
+    if hooks is None:  # the plain step: every gradient exists at once
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        hooks.backward(loss)
     step = time.time() - start
     peak = _status("VmHWM")
     changed = sum(not torch.equal(b, p.detach()[:1]) for b, p in zip(before, params[:3]))
-    assert all(p.grad is None for p in params), "the fused pass left gradients behind"
-    assert changed > 0, "the fused step did not change the weights"
+    assert all(p.grad is None for p in params), "gradients left behind"
+    assert changed > 0, "the step did not change the weights"
 
     est_total = weights + sum(estimate.parts.values())
     growth = peak - baseline
     print(f"full-size SDXL UNet: {sum(p.numel() for p in params) / 1e9:.3f} B parameters, bf16, gradient checkpointing, "
-          f"fused-backward Adafactor, batch {batch}, latent {latent}x{latent} ({latent * 8} px)")  # fmt: skip
-    print(f"  built and initialised in {built:.0f} s; one forward+backward+fused step in {step:.0f} s; loss {loss.item():.4f}")
+          f"{'plain (unfused)' if unfused else 'fused-backward'} Adafactor, batch {batch}, latent {latent}x{latent} ({latent * 8} px)")  # fmt: skip
+    print(f"  built and initialised in {built:.0f} s; one forward+backward+step in {step:.0f} s; loss {loss.item():.4f}")
     print(f"  glibc mmap threshold fixed at 4 MiB (sdxl_train.py's CPU setting): {heap_limited}")
     print(f"  bf16 weight bytes            {weights / GiB:7.2f} GiB")
     print(f"  RSS after imports (baseline) {baseline / GiB:7.2f} GiB")
@@ -281,9 +288,10 @@ def full_size_child(latent: int, batch: int, glibc_default: bool = False) -> Non
           f"{(est_total - growth) / growth * 100:+.1f}%  (goal within 20%)")  # fmt: skip
 
 
-def full_size(latent: int, batch: int, glibc_default: bool) -> None:
+def full_size(latent: int, batch: int, glibc_default: bool, unfused: bool = False) -> None:
     child = [sys.executable, __file__, "--full_size_child", "--latent", str(latent), "--batch", str(batch)]
     child += ["--glibc_default"] if glibc_default else []
+    child += ["--unfused"] if unfused else []
     result = subprocess.run(child, cwd=REPO)
     if result.returncode:
         raise SystemExit(f"full-size child failed with exit status {result.returncode}")
@@ -296,17 +304,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="full-size step: batch size")
     parser.add_argument("--glibc_default", action="store_true",
                         help="full-size step: keep glibc's growing mmap threshold (see limit_cpu_heap_growth)")
+    parser.add_argument("--compare_unfused", action="store_true",
+                        help="full-size step: also run the plain (unfused) step, to see the gradient copy it saves")
+    parser.add_argument("--unfused", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip_step_time", action="store_true")
     parser.add_argument("--skip_full_size", action="store_true")
     parser.add_argument("--full_size_child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.full_size_child:
-        full_size_child(args.latent, args.batch, args.glibc_default)
+        full_size_child(args.latent, args.batch, args.glibc_default, args.unfused)
         return
     if not args.skip_step_time:
         step_time(args.steps)
     if not args.skip_full_size:
         full_size(args.latent, args.batch, args.glibc_default)
+        if args.compare_unfused:
+            full_size(args.latent, args.batch, args.glibc_default, unfused=True)
 
 
 if __name__ == "__main__":
