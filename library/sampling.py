@@ -212,6 +212,42 @@ def _per_item(value, count: int, name: str, single: Callable[[Any], bool]) -> li
     return items
 
 
+MAX_TEXT_CHUNKS = 3  # 225 tokens, kohya's longest --max_token_length
+
+
+def long_text_embeds(pipeline, prompts: Sequence[str], negatives: Sequence[str] | None) -> dict | None:
+    """Pipeline keyword arguments with the texts encoded in 75-token chunks (as training encodes
+    captions, ``library.text_encoding``) when a prompt or negative is longer than one CLIP window,
+    which the pipeline would cut at 77 tokens: the poster workflow's negative presets run to 100-200
+    tokens. None when every text fits (the pipeline's own encoding, unchanged). Texts beyond 225 tokens
+    are cut there, with a warning."""
+    import math
+
+    from library.text_encoding import CHUNK, encode_tokens, tokenize_chunks
+
+    texts = list(prompts) + list(negatives or [])
+    lengths = [len(pipeline.tokenizer(text, truncation=False).input_ids) - 2 for text in texts]
+    longest = max(lengths, default=0)
+    if longest <= CHUNK:
+        return None
+    chunks = min(MAX_TEXT_CHUNKS, math.ceil(longest / CHUNK))
+    if longest > chunks * CHUNK:
+        log.warning("%d prompt(s) longer than %d tokens are cut there", sum(n > chunks * CHUNK for n in lengths),
+                    chunks * CHUNK)  # fmt: skip
+
+    def encode(batch: list[str]):
+        ids1 = tokenize_chunks(pipeline.tokenizer, batch, chunks * CHUNK)
+        ids2 = tokenize_chunks(pipeline.tokenizer_2, batch, chunks * CHUNK)
+        return encode_tokens(pipeline.text_encoder, pipeline.text_encoder_2, ids1, ids2)
+
+    positive = encode(list(prompts))
+    out = {"prompt_embeds": positive.context, "pooled_prompt_embeds": positive.pooled}
+    if negatives:  # without one the pipeline uses zeros, as for a short empty negative
+        negative = encode(list(negatives))
+        out.update(negative_prompt_embeds=negative.context, negative_pooled_prompt_embeds=negative.pooled)
+    return out
+
+
 def generate_images(
     pipeline,
     prompts: Sequence[str],
@@ -251,10 +287,12 @@ def generate_images(
             negative = [negatives[i] for i in indices] if negatives[indices[0]] else None
             generators = [torch.Generator(device="cpu").manual_seed(int(seeds[i])) for i in indices]
             with torch.autocast(device_type=device_type, dtype=autocast, enabled=autocast is not None):
+                text = long_text_embeds(pipeline, [prompts[i] for i in indices], negative)
+                if text is None:  # every text fits in one 77-token window: the pipeline encodes it
+                    text = {"prompt": [prompts[i] for i in indices], "negative_prompt": negative}
                 latents = pipeline(
-                    prompt=[prompts[i] for i in indices], negative_prompt=negative, generator=generators,
-                    num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                    output_type="latent",
+                    **text, generator=generators, num_inference_steps=steps, guidance_scale=guidance,
+                    width=width, height=height, output_type="latent",
                 ).images  # fmt: skip
             batch = decode_latents(pipeline, latents)
             for index, image in zip(indices, batch):

@@ -293,3 +293,33 @@ def test_mixed_precision_modules_sample_without_casting_weights(tiny_sdxl, tmp_p
     assert pixels(paths[0]).std() > 0
     assert next(mixed.unet.parameters()) is first_weight and first_weight.dtype == torch.float32
     assert next(mixed.text_encoder2.parameters()).dtype == torch.bfloat16
+
+
+def test_long_prompts_are_encoded_in_chunks_not_cut_at_77_tokens(models, caplog):
+    """The poster workflow's negative presets are longer than one CLIP window: they are encoded in
+    75-token chunks as training encodes captions, so words after token 75 still steer the image."""
+    import math
+
+    pipe = build_pipeline(models, "euler_a")
+    assert sampling.long_text_embeds(pipe, ["a cat"], ["ugly"]) is None  # short: the pipeline's own path
+    long_negative = negative_preset("basic")
+    tokens = len(pipe.tokenizer(long_negative).input_ids) - 2
+    assert 75 < tokens <= 220
+    with torch.no_grad():
+        text = sampling.long_text_embeds(pipe, ["a cat"], [long_negative])
+        _, cut, _, cut_pooled = pipe.encode_prompt("a cat", negative_prompt=long_negative, device="cpu",
+                                                   do_classifier_free_guidance=True)  # fmt: skip
+    length = 75 * math.ceil(tokens / 75) + 2
+    assert text["prompt_embeds"].shape[1] == text["negative_prompt_embeds"].shape[1] == length
+    # the first window is exactly what the pipeline itself encodes (it stops there)
+    torch.testing.assert_close(text["negative_prompt_embeds"][:, :76], cut[:, :76])
+    torch.testing.assert_close(text["negative_pooled_prompt_embeds"], cut_pooled)
+
+    def image(negative):
+        return pixels(generate_images(pipe, ["a cat"], seeds=[1], negatives=[negative], sizes=(64, 64), steps=2,
+                                      guidance=5.0)[0])  # fmt: skip
+
+    assert not np.array_equal(image(long_negative + ", red"), image(long_negative + ", blue"))
+    with caplog.at_level("WARNING", logger="library.sampling"), torch.no_grad():
+        sampling.long_text_embeds(pipe, ["a cat"], [long_negative * 2])
+    assert "longer than 225 tokens are cut" in caplog.text
