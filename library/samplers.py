@@ -16,10 +16,13 @@ prediction type), so it samples the way the model was trained. Names are case-in
 from __future__ import annotations
 
 import difflib
+import logging
 import warnings
 from typing import Any, Mapping
 
 from library.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLER = "euler_a"
 
@@ -57,12 +60,17 @@ def check_sampler(name: str | None, where: str | None = None) -> str:
     raise ConfigError(f"unknown sampler '{name}'", where=where or "--sample_sampler", hint=hint)
 
 
-def build_scheduler(name: str | None, scheduler_config: Mapping[str, Any], prediction_type: str | None = None):
+def build_scheduler(name: str | None, scheduler_config: Mapping[str, Any], prediction_type: str | None = None,
+                    zero_terminal_snr: bool = False):
     """A fresh diffusers scheduler for sampler ``name`` from the model's ``scheduler_config``.
 
     ``prediction_type`` (``"epsilon"`` or ``"v_prediction"``, e.g. for a ``--v_parameterization`` run)
-    overrides the config's.
+    overrides the config's. ``zero_terminal_snr`` (a ``--zero_terminal_snr`` run) samples with the
+    schedule the model was trained on: betas rescaled to zero terminal SNR and "trailing" timesteps,
+    so sampling starts from pure noise; samplers without that option warn and sample as before.
     """
+    import inspect
+
     import diffusers
 
     key = check_sampler(name)
@@ -73,6 +81,14 @@ def build_scheduler(name: str | None, scheduler_config: Mapping[str, Any], predi
             raise ConfigError(f"unknown prediction type '{prediction_type}'", hint="use epsilon or v_prediction")
         config["prediction_type"] = prediction_type
     scheduler_class = getattr(diffusers, class_name)
+    if zero_terminal_snr:
+        if "rescale_betas_zero_snr" in inspect.signature(scheduler_class.__init__).parameters:
+            config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        else:
+            zero_snr = [k for k, (c, _) in SAMPLERS.items() if "rescale_betas_zero_snr"
+                        in inspect.signature(getattr(diffusers, c).__init__).parameters]  # fmt: skip
+            log.warning("sampler %s cannot sample with the zero-terminal-SNR schedule the model is trained on; "
+                        "use one of %s", key, ", ".join(zero_snr))  # fmt: skip
     with warnings.catch_warnings():
         # the config holds keys for other schedulers; "dpmsolver" is deprecated in favour of "dpmsolver++"
         warnings.simplefilter("ignore")

@@ -132,13 +132,13 @@ def save_png(image, path: Path, text: dict[str, str]) -> None:
 
 
 def build_pipeline(models, sampler_name: str = DEFAULT_SAMPLER, prediction_type: str | None = None,
-                   progress: bool = False):
+                   progress: bool = False, zero_terminal_snr: bool = False):
     """A ``StableDiffusionXLPipeline`` over ``models``' own modules (shared, not copied) with the
     scheduler for ``sampler_name`` built from ``models.scheduler_config``; progress bars off unless
     ``progress``. Nothing is moved or cast."""
     from diffusers import StableDiffusionXLPipeline
 
-    scheduler = build_scheduler(sampler_name, models.scheduler_config, prediction_type)
+    scheduler = build_scheduler(sampler_name, models.scheduler_config, prediction_type, zero_terminal_snr)
     pipe = StableDiffusionXLPipeline(
         vae=models.vae, text_encoder=models.text_encoder1, text_encoder_2=models.text_encoder2,
         tokenizer=models.tokenizer1, tokenizer_2=models.tokenizer2, unet=models.unet, scheduler=scheduler,
@@ -369,13 +369,15 @@ def generate_samples(
     dtype=None,
     negative_preset_default: str | None = None,
     prediction_type: str | None = None,
+    zero_terminal_snr: bool = False,
 ) -> list[Path]:
     """Write one image per prompt to ``out_dir/sample/`` (names in the module docstring); returns the paths.
 
     ``default_size`` is ``(width, height)``, normally the training resolution; ``seed`` the run's
     ``--seed``; ``device`` defaults to the UNet's; ``dtype`` is an autocast dtype (weights are never
     cast); ``negative_preset_default`` applies to prompts with neither ``--n`` nor ``--np``;
-    ``prediction_type="v_prediction"`` for a ``--v_parameterization`` model.
+    ``prediction_type="v_prediction"`` for a ``--v_parameterization`` model; ``zero_terminal_snr`` for a
+    ``--zero_terminal_snr`` one (see ``build_scheduler``).
     """
     import torch
 
@@ -391,11 +393,12 @@ def generate_samples(
     device = torch.device(device) if device is not None else next(models.unet.parameters()).device
     paths = []
     with preserved_rng(), eval_mode(modules), on_device(modules, device), torch.no_grad():
-        pipe = build_pipeline(models, settings[0].sampler, prediction_type)
+        pipe = build_pipeline(models, settings[0].sampler, prediction_type, zero_terminal_snr=zero_terminal_snr)
         current = settings[0].sampler
         for item in settings:
             if item.sampler != current:
-                pipe.scheduler = build_scheduler(item.sampler, models.scheduler_config, prediction_type)
+                pipe.scheduler = build_scheduler(item.sampler, models.scheduler_config, prediction_type,
+                                                 zero_terminal_snr)  # fmt: skip
                 current = item.sampler
             image = generate_images(
                 pipe, [item.prompt], seeds=[item.seed], negatives=[item.negative_prompt],

@@ -161,6 +161,7 @@ def sample_images(run: Run, step: int, epoch: int | None) -> list[Path]:
                 output_name=cfg.output_name, default_size=run.resolution, sampler_name=cfg.sample_sampler,
                 seed=cfg.seed, device=accelerator.device,
                 prediction_type="v_prediction" if cfg.v_parameterization else None,
+                zero_terminal_snr=cfg.zero_terminal_snr,
             )  # fmt: skip
         for path in paths:
             log.info("sample %s", path)

@@ -170,6 +170,20 @@ def test_every_sampler_name_builds_and_samples(models):
         check_sampler("dpmsolver+")
 
 
+def test_zero_terminal_snr_runs_sample_from_pure_noise(models, caplog):
+    plain = build_scheduler("euler", models.scheduler_config, "v_prediction")
+    zero = build_scheduler("euler", models.scheduler_config, "v_prediction", zero_terminal_snr=True)
+    assert plain.alphas_cumprod[-1] > 1e-3  # SDXL's schedule keeps signal at t=999
+    assert zero.alphas_cumprod[-1] < 1e-6 and zero.config.rescale_betas_zero_snr
+    zero.set_timesteps(4)
+    assert int(zero.timesteps[0]) == 999  # "trailing": the first step is the last training timestep
+    for name in ("ddim", "dpmsolver++", "euler_a"):
+        assert build_scheduler(name, models.scheduler_config, zero_terminal_snr=True).config.rescale_betas_zero_snr
+    with caplog.at_level("WARNING", logger="library.samplers"):
+        build_scheduler("heun", models.scheduler_config, zero_terminal_snr=True)
+    assert "heun cannot sample with the zero-terminal-SNR schedule" in caplog.text
+
+
 # --- settings, names, seeds --------------------------------------------------------------------------
 
 
