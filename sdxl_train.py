@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from library.cli import run_main  # noqa: E402
-from library.errors import UserError  # noqa: E402
+from library.errors import DataError, UserError  # noqa: E402
 
 log = logging.getLogger("sdxl_train")
 
@@ -117,6 +117,15 @@ def train(run, text, optimizer, scheduler, params, max_steps: int, fused=None) -
         batches_done = data.sampler.position
         for batch in data.loader:
             batches_done += 1
+            if not events.batch_is_readable(run, batch):  # checked on every process, so all stop together
+                events.save_state(run, batches_done - 1, tag="unreadable")
+                bad = "; ".join(f"{path} ({why})" for path, why in batch.get("unreadable", []))
+                raise DataError(
+                    f"an image cannot be read any more at step {state.global_step + 1} (on some process): "
+                    f"{bad or 'see the other process'}; the last good state was saved",
+                    hint="re-save or remove it and --resume from the -unreadable-state folder; tools/filter_images.py "
+                    "lists every unreadable image, and --cache_latents checks them all before training",
+                )  # fmt: skip
             run.seen.update(batch["image_keys"])
             with accelerator.accumulate(unet):
                 # 1. latents (cached, or encoded now by the frozen VAE) and text conditioning

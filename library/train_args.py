@@ -95,6 +95,8 @@ DATASET = Section("dataset_arguments", "data", (
     flag("cache_latents_to_disk", "cache latents in .npz/.safetensors files next to the images (implies --cache_latents)"),
     opt("vae_batch_size", "int", 1, "images per VAE batch while caching latents"),
     flag("skip_cache_check", "trust existing latent cache files without checking them"),
+    flag("strict", "stop at the first unreadable image instead of skipping it (skipped images are counted and "
+         "listed in the log)"),
     flag("cache_text_encoder_outputs", "encode every caption once before training (text encoders frozen)"),
     flag("cache_text_encoder_outputs_to_disk", "cache text encoder outputs on disk (implies --cache_text_encoder_outputs)"),
     opt("max_data_loader_n_workers", "int", 8, "data loader worker processes (0 = load in the main process)"),

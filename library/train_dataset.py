@@ -407,7 +407,10 @@ class TrainDataset:
         if self.cache_paths is not None:
             sample, cond = self._cached(self.cache_paths[ref.index], flip)
         else:
-            sample, cond = self._decoded(item, flip, rng)
+            try:
+                sample, cond = self._decoded(item, flip, rng)
+            except DataError as err:  # broken after start-up's header scan (truncated body, replaced file)
+                return {"unreadable": (str(item.image_path), err.message)}
         return {
             **sample,
             "caption": self.caption_fn(item, ref) if self.caption_fn else default_caption(
@@ -443,6 +446,9 @@ def collate(samples: list[dict]) -> dict:
     """Stack a same-bucket batch: ``latents`` or ``pixels`` (B, C, H, W), ``size_cond`` (B, 6), lists."""
     import torch
 
+    unreadable = [s["unreadable"] for s in samples if "unreadable" in s]
+    if unreadable:  # not raised in the worker: the training loop stops cleanly on every process
+        return {"unreadable": unreadable}
     key = "latents" if "latents" in samples[0] else "pixels"
     return {
         key: torch.stack([s[key] for s in samples]),

@@ -343,6 +343,20 @@ def loss_is_finite(run: Run, loss) -> bool:
     return bool(finite.item() == 1.0)
 
 
+def batch_is_readable(run: Run, batch: dict) -> bool:
+    """False on every process when any process's batch holds an image that failed to decode (only
+    possible without cached latents: cache entries were decoded and checked when they were built)."""
+    import torch
+
+    if run.data.cached_latents:
+        return True
+    readable = torch.tensor([0.0 if "unreadable" in batch else 1.0])
+    if run.accelerator.num_processes > 1:
+        readable = run.accelerator.reduce(readable.to(run.accelerator.device), reduction="sum")
+        readable = readable / run.accelerator.num_processes
+    return bool(readable.item() == 1.0)
+
+
 def stop_requested(run: Run) -> bool:
     """True on every process once any process got a signal (so all stop at the same step)."""
     wanted = run.signal_received is not None

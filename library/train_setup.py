@@ -156,7 +156,7 @@ def build_data(cfg, dataset_cfg, accelerator, models) -> TrainData:
     from library.latent_cache import build_latent_cache
     from library.train_dataset import BucketBatchSampler, TrainDataset, build_items, cached_only, collate, make_cache_jobs
 
-    items = list(build_items(dataset_cfg, workers=max(cfg.max_data_loader_n_workers, 2)).items)
+    items = list(build_items(dataset_cfg, workers=max(cfg.max_data_loader_n_workers, 2), strict=cfg.strict).items)
     cache_paths = None
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         models.vae.to(accelerator.device, dtype=vae_dtype(cfg))
@@ -164,7 +164,7 @@ def build_data(cfg, dataset_cfg, accelerator, models) -> TrainData:
         build_latent_cache(
             jobs, models.vae, batch_size=cfg.vae_batch_size, rank=accelerator.process_index,
             world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
-            check="exists" if cfg.skip_cache_check else "stat", progress=accelerator.is_main_process,
+            check="exists" if cfg.skip_cache_check else "stat", strict=cfg.strict, progress=accelerator.is_main_process,
         )  # fmt: skip
         items, cache_paths = cached_only(items, None if cfg.cache_latents_to_disk else _cache_dir(cfg))
         models.vae.to("cpu")

@@ -32,11 +32,16 @@ class ValidationSet:
 
 def build_validation_set(dataset, latents_of) -> ValidationSet:
     """``dataset`` is a TrainDataset over the held-out items; ``latents_of(batch) -> latents``."""
+    from library.errors import DataError
     from library.train_dataset import SampleRef, collate
 
     latents, conds, captions, keys = [], [], [], []
     for index, item in enumerate(dataset.items):
         sample = dataset[SampleRef(index, 1, 0)]
+        if "unreadable" in sample:  # decoded once, before training starts
+            path, why = sample["unreadable"]
+            raise DataError(f"validation image cannot be read ({why})", where=path,
+                            hint="re-save or remove it, or use --cache_latents to skip unreadable images")  # fmt: skip
         batch = collate([sample])
         latents.append(latents_of(batch)[0].detach().to("cpu"))
         conds.append(batch["size_cond"][0])

@@ -206,3 +206,39 @@ def test_training_uses_exif_rotated_photo_upright(mixed_run):
     (entry,) = images.glob("rotated.jpg.*x*.sdxl-latents.safetensors")
     width, height = map(int, re.search(r"\.(\d+)x(\d+)\.sdxl-latents", entry.name).groups())
     assert height > width
+
+
+def test_strict_stops_at_the_first_unreadable_image(mixed_run, tiny_sdxl, tmp_path):
+    images, _, _ = mixed_run
+    toml = dataset_toml(tmp_path / "dataset.toml", images)
+    args = [*base(tiny_sdxl, tmp_path / "out"), "--dataset_config", toml, "--cache_latents_to_disk", "--strict"]
+    line = B.assert_user_error(B.run_cli(TRAIN, args, [images]), "cannot read image")
+    assert any(name in line for name in ("zero.jpg", "html.jpg", "bomb.png", "cut.jpg")), line
+    assert not (tmp_path / "out" / "poster.safetensors").exists()
+
+
+def test_image_that_breaks_after_start_up_stops_with_a_state_that_resumes(tiny_sdxl, tmp_path):
+    """Without cached latents images are decoded while training: a body truncated after the header
+    (start-up reads headers only) stops every process at that batch with one line naming the file and
+    a saved state; after the file is fixed, --resume finishes the run."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        B.good_png(images / f"p{i}.png", seed=i)
+        (images / f"p{i}.caption").write_text(f"a movie poster number {i}", encoding="utf-8")
+    broken = images / "p1.png"
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    toml = dataset_toml(tmp_path / "dataset.toml", images)
+    out = tmp_path / "out"
+    args = [*base(tiny_sdxl, out), "--dataset_config", toml, "--max_train_steps", "4",
+            "--max_data_loader_n_workers", "2"]  # fmt: skip
+    line = B.assert_user_error(B.run_cli(TRAIN, args, [images], timeout=300), str(broken), "truncated",
+                               "the last good state was saved")  # fmt: skip
+    assert "-unreadable-state" in line
+    state = out / "poster-unreadable-state"
+    assert (state / "train_state.json").is_file()
+    B.good_png(broken, seed=1)
+    result = B.run_cli(TRAIN, [*args, "--resume", state], [images], timeout=300)
+    assert result.code == 0, result.stderr[-2000:]
+    assert (out / "poster.safetensors").is_file()
