@@ -251,3 +251,26 @@ def scan_sizes(
     if sidecar is not None and fresh:  # merged: subsets sharing a folder keep each other's entries
         _write_sidecar(sidecar, {**cached, **fresh})
     return result
+
+
+HUE_SHIFT_DEGREES = 16.0  # at most, either way
+GAMMA_RANGE = (0.95, 1.05)
+
+
+def color_augment(image, rng):
+    """``color_aug``: a third of the time, either a random hue rotation of up to 16 degrees or a random
+    gamma in [0.95, 1.05] (even odds), as kohya's trainer does; otherwise ``image`` unchanged. ``rng`` is
+    a ``random.Random``: the dataset seeds it per (seed, epoch, image, step), so resumes see the same."""
+    import numpy as np
+    from PIL import Image
+
+    if rng.random() > 1 / 3:
+        return image
+    if rng.random() < 0.5:
+        shift = rng.uniform(-HUE_SHIFT_DEGREES, HUE_SHIFT_DEGREES) * 256 / 360  # PIL's hue runs 0-255
+        hsv = np.asarray(image.convert("HSV"), dtype=np.float64)
+        hsv[..., 0] = np.mod(hsv[..., 0] + shift, 256)
+        return Image.fromarray(np.mod(np.rint(hsv), 256).astype(np.uint8), mode="HSV").convert("RGB")
+    gamma = rng.uniform(*GAMMA_RANGE)
+    pixels = np.asarray(image, dtype=np.float64) / 255.0
+    return Image.fromarray(np.clip(np.rint(255.0 * pixels**gamma), 0, 255).astype(np.uint8), mode="RGB")

@@ -89,7 +89,7 @@ DATASET = Section("dataset_arguments", "data", (
     opt("caption_tag_dropout_rate", "float", 0.0, "probability of dropping each tag"),
     flag("flip_aug", "random horizontal flips (do not use for posters with text)"),
     flag("random_crop", "random crops instead of centre crops"),
-    flag("color_aug", "random hue changes"),
+    flag("color_aug", "random hue rotations (up to 16 degrees) or gamma changes on a third of the images (not with cached latents)"),
     opt("max_token_length", "int", None, "caption length in tokens: 75 (default), 150 or 225", (75, 150, 225)),
     flag("cache_latents", "encode every image with the VAE once before training (in memory)"),
     flag("cache_latents_to_disk", "cache latents in .npz/.safetensors files next to the images (implies --cache_latents)"),

@@ -27,12 +27,12 @@ from typing import Callable, Hashable, NamedTuple, Sequence
 from library.buckets import BucketSpec, apply_plan, bucket_resolutions, choose_bucket, plan_image
 from library.config_util import IMAGE_EXTENSIONS, DatasetsConfig, SubsetConfig
 from library.errors import ConfigError, DataError
-from library.images import SkipLog, load_rgb, scan_sizes
+from library.images import SkipLog, color_augment, load_rgb, scan_sizes
 
 log = logging.getLogger(__name__)
 
 SIZE_SIDECAR = ".sdxl-image-sizes.json"
-_UNSUPPORTED = ("color_aug", "face_crop_aug_range", "alpha_mask")
+_UNSUPPORTED = ("face_crop_aug_range", "alpha_mask")
 
 
 @dataclass(frozen=True)
@@ -331,12 +331,13 @@ def make_cache_jobs(items: Sequence[TrainItem], cache_dir: str | os.PathLike | N
 
     jobs: dict[Path, object] = {}
     for item in items:
-        if item.subset.random_crop:
-            raise ConfigError(
-                "random_crop cannot be used with cached latents (each step needs a new crop)",
-                where=str(item.subset.metadata_file or item.subset.image_dir),
-                hint="turn off random_crop or --cache_latents",
-            )
+        for name, why in (("random_crop", "a new crop"), ("color_aug", "new colours")):
+            if getattr(item.subset, name):
+                raise ConfigError(
+                    f"{name} cannot be used with cached latents (each step needs {why})",
+                    where=str(item.subset.metadata_file or item.subset.image_dir),
+                    hint=f"turn off {name} or --cache_latents",
+                )
         path = cache_path_for(item.image_path, item.bucket, cache_dir)
         if path in jobs:  # the same image in two subsets: one entry, flipped too if either flips
             if item.subset.flip_aug:
@@ -439,7 +440,10 @@ class TrainDataset:
             image.size, item.bucket, random_crop=item.subset.random_crop, flip=flip, rng=rng,
             interpolation=item.subset.resize_interpolation,
         )  # fmt: skip
-        return {"pixels": _pixels(apply_plan(image, plan))}, plan.size_conditioning()
+        image = apply_plan(image, plan)
+        if item.subset.color_aug:
+            image = color_augment(image, rng)
+        return {"pixels": _pixels(image)}, plan.size_conditioning()
 
 
 def collate(samples: list[dict]) -> dict:

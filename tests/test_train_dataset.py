@@ -184,6 +184,47 @@ def test_flip_mirrors_crop_left_in_conditioning(tmp_path):
         make_cache_jobs(items)
 
 
+def test_color_aug_changes_hue_or_gamma_a_third_of_the_time_and_repeats_exactly(tmp_path):
+    import colorsys
+    import random
+
+    from library.images import color_augment
+
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[:4], rgb[4:] = (200, 80, 40), (128, 128, 128)  # an orange (hue 12 degrees) over a grey
+    image = Image.fromarray(rgb)
+    changed, hues, gammas = 0, [], 0
+    for seed in range(300):
+        out = np.asarray(color_augment(image, random.Random(seed)), dtype=np.int16)
+        assert np.array_equal(out, np.asarray(color_augment(image, random.Random(seed)), dtype=np.int16))
+        if np.array_equal(out, rgb):
+            continue
+        changed += 1
+        if out[7, 0, 0] != 128:  # a gamma moves the grey and every channel of a pixel the same way
+            gammas += 1
+            assert len({int(np.sign(d)) for d in out[7, 0] - 128}) == 1
+        else:  # a hue rotation leaves the grey alone and keeps the orange's brightest channel
+            h, _, v = colorsys.rgb_to_hsv(*(out[0, 0] / 255.0))
+            assert abs(v * 255 - 200) <= 1
+            hues.append(h * 360 - 12)
+    assert 70 <= changed <= 130  # about a third of 300
+    assert gammas > 20 and len(hues) > 20
+    assert max(abs(h) for h in hues) <= 16 + 2.9 and max(abs(h) for h in hues) > 8  # PIL keeps hue in 1.4-degree steps
+    # in the dataset: deterministic per (epoch, step), different across steps, and not with cached latents
+    folder = tmp_path / "aug"
+    folder.mkdir()
+    Image.fromarray(np.tile(rgb, (8, 8, 1))).save(folder / "a.png")
+    sub = SubsetConfig(image_dir=folder, color_aug=True)
+    cfg = DatasetsConfig(datasets=(DatasetConfig(subsets=(sub,), resolution=(64, 64), enable_bucket=False),))
+    items = build_items(cfg, workers=1).items
+    ds = TrainDataset(items, seed=0)
+    samples = [ds[SampleRef(0, 1, step)]["pixels"] for step in range(12)]
+    assert torch.equal(samples[3], ds[SampleRef(0, 1, 3)]["pixels"])
+    assert len({tuple(s[:, 0, 0].tolist()) for s in samples}) > 1
+    with pytest.raises(ConfigError, match="color_aug cannot be used with cached latents"):
+        make_cache_jobs(items)
+
+
 def test_validation_split_is_stable(data):
     items = build_items(data, workers=2).items
     train, val = split_validation(items, 0.25, seed=42)
