@@ -141,7 +141,9 @@ def train(run, text, optimizer, scheduler, params, max_steps: int, fused=None) -
                     pred = unet(noisy, timesteps, encoder_hidden_states=cond.context,
                                 added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": time_ids}).sample
                 target = N.v_target(schedule, latents, noise, timesteps) if cfg.v_parameterization else noise
-                loss = N.compute_loss(pred.float(), target.float(), timesteps, schedule)
+                mask = batch.get("alpha_mask")  # alpha_mask subsets: transparent areas are not learned
+                loss = N.compute_loss(pred.float(), target.float(), timesteps, schedule,
+                                      None if mask is None else mask.to(accelerator.device))  # fmt: skip
                 if not events.loss_is_finite(run, loss):  # checked on every process, so all stop together
                     events.save_state(run, batches_done - 1, tag="nan")
                     raise TrainingError(

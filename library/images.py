@@ -110,7 +110,7 @@ def _to_rgb(img):
     from PIL import Image
 
     mode = img.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+    if _has_alpha(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -128,6 +128,12 @@ def _to_rgb(img):
 
 def decode_rgb(data: bytes, name: str | os.PathLike = "<bytes>"):
     """Decode image bytes to an upright 8-bit RGB PIL image; :class:`DataError` naming ``name``."""
+    return decode_rgb_alpha(data, name)[0]
+
+
+def decode_rgb_alpha(data: bytes, name: str | os.PathLike = "<bytes>", alpha: bool = False):
+    """``(rgb, alpha)``: the upright RGB image of :func:`decode_rgb` and, when ``alpha`` is asked and the
+    image has transparency, its upright alpha channel as an ``L`` image (255 = opaque); else None."""
     from PIL import Image, ImageOps
 
     if not data:
@@ -136,18 +142,37 @@ def decode_rgb(data: bytes, name: str | os.PathLike = "<bytes>"):
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             upright = ImageOps.exif_transpose(img)
-            return _to_rgb(upright)
+            mask = upright.convert("RGBA").getchannel("A") if alpha and _has_alpha(upright) else None
+            return _to_rgb(upright), mask
     except (*_READ_ERRORS, Image.DecompressionBombError) as err:
         raise _bad_image(name, err) from None
 
 
-def load_rgb(path: str | os.PathLike):
-    """Read and decode one image file (see :func:`decode_rgb`)."""
+def _has_alpha(img) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+
+
+def latent_mask(alpha, size_hw: tuple[int, int]):
+    """``alpha_mask``: an ``L`` alpha image already cut to the bucket (or None: fully opaque) as a float
+    tensor of the latents' ``(height, width)`` in [0, 1], each value the mean over the pixels it covers."""
+    import numpy as np
+    import torch
+
+    if alpha is None:
+        return torch.ones(*size_hw)
+    pixels = torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)
+    return torch.nn.functional.adaptive_avg_pool2d(pixels[None, None], tuple(size_hw))[0, 0]
+
+
+def load_rgb(path: str | os.PathLike, alpha: bool = False):
+    """Read and decode one image file (see :func:`decode_rgb`); with ``alpha``, ``(rgb, alpha)`` as
+    :func:`decode_rgb_alpha` returns them."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         raise _bad_image(path, err) from None
-    return decode_rgb(data, path)
+    pair = decode_rgb_alpha(data, path, alpha=alpha)
+    return pair if alpha else pair[0]
 
 
 # ---------------------------------------------------------------------------------------------

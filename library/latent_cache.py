@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Sequence
 from library.buckets import ImagePlan, apply_plan, plan_image
 from library.errors import DataError
 from library.fileio import atomic_path
-from library.images import SkipLog, decode_rgb
+from library.images import SkipLog, decode_rgb_alpha, latent_mask
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class CacheJob:
     cache_path: Path
     plan: ImagePlan
     flip_variant: bool = False  # also store the latents of the mirrored sample
+    alpha_mask: bool = False  # also store the alpha channel at latent resolution (ones when opaque)
 
 
 @dataclass
@@ -140,6 +141,8 @@ def entry_is_valid(job: CacheJob, vae_id: str, scale: float, check: str = "stat"
         return False
     if any(meta.get(k) != v for k, v in geometry_fields(job.plan, job.flip_variant, vae_id, scale).items()):
         return False
+    if job.alpha_mask and meta.get("alpha_mask") != "1":  # an entry made without the mask: rebuilt with it
+        return False
     try:
         st = job.image_path.stat()
     except OSError:
@@ -161,6 +164,17 @@ def load_entry(path: str | os.PathLike, flipped: bool = False):
         return handle.get_tensor(name), dict(handle.metadata() or {})
 
 
+def load_entry_mask(path: str | os.PathLike, flipped: bool = False):
+    """The entry's ``alpha_mask`` (latent resolution, 1 = opaque), mirrored for the flipped sample."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        if "alpha_mask" not in handle.keys():
+            raise DataError("cache entry has no alpha_mask", where=str(path), hint="rebuild the latent cache")
+        mask = handle.get_tensor("alpha_mask")
+    return mask.flip(-1) if flipped else mask
+
+
 # ---------------------------------------------------------------------------------------------
 # Building
 
@@ -180,7 +194,7 @@ def _prepare(job: CacheJob):
     except OSError as err:
         return job, None, f"cannot read ({err.strerror})"
     try:
-        image = decode_rgb(data, job.image_path)
+        image, alpha = decode_rgb_alpha(data, job.image_path, alpha=job.alpha_mask)
     except DataError as err:
         return job, None, err.message
     plan = job.plan
@@ -192,7 +206,9 @@ def _prepare(job: CacheJob):
     if job.flip_variant:
         pixels.append(_to_tensor(apply_plan(image, replace(plan, flip=True))))
     st = job.image_path.stat()
+    extra = {"alpha_mask": None if alpha is None else apply_plan(alpha, plan)} if job.alpha_mask else {}
     extra = {
+        **extra,
         "image_sha256": hashlib.sha256(data).hexdigest(),
         "image_size_bytes": str(st.st_size),
         "image_mtime_ns": str(st.st_mtime_ns),
@@ -241,6 +257,10 @@ class _Encoder:
             at += len(tensors)
             if not all(torch.isfinite(t).all() for t in entry.values()):
                 raise DataError("VAE produced NaN/inf latents", where=str(job.image_path), hint=NAN_HINT)
+            extra = dict(extra)
+            if "alpha_mask" in extra:  # the cut alpha image, averaged onto the latent grid
+                entry["alpha_mask"] = latent_mask(extra.pop("alpha_mask"), entry["latents"].shape[-2:]).contiguous()
+                extra["alpha_mask"] = "1"
             meta = {**geometry_fields(job.plan, job.flip_variant, self.vae_id, self.scale), **extra}
             _write_entry(job.cache_path, entry, meta)
 

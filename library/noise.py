@@ -282,10 +282,18 @@ def loss_weights(timesteps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tens
     return weight
 
 
-def compute_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+def compute_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar training loss: element loss averaged per image, times the per-image weight,
-    averaged over the batch (equal to kohya's plain mean when no weighting is on)."""
+    averaged over the batch (equal to kohya's plain mean when no weighting is on). ``mask`` (B, h, w)
+    in [0, 1] (``alpha_mask``) multiplies each element's loss first, as kohya does: transparent areas
+    teach nothing, and the mean still runs over every element."""
     opts = schedule.options
     per_element = element_loss(pred, target, opts.loss_type, huber_threshold(timesteps, schedule))
+    if mask is not None:
+        mask = mask.to(per_element)[:, None]
+        if mask.shape[-2:] != per_element.shape[-2:]:  # a VAE with another scale factor than 8
+            mask = F.interpolate(mask, size=per_element.shape[-2:], mode="area")
+        per_element = per_element * mask
     per_image = per_element.mean(dim=tuple(range(1, per_element.dim())))
     return (per_image * loss_weights(timesteps, schedule).to(per_image)).mean()

@@ -27,12 +27,12 @@ from typing import Callable, Hashable, NamedTuple, Sequence
 from library.buckets import BucketSpec, apply_plan, bucket_resolutions, choose_bucket, plan_image
 from library.config_util import IMAGE_EXTENSIONS, DatasetsConfig, SubsetConfig
 from library.errors import ConfigError, DataError
-from library.images import SkipLog, color_augment, load_rgb, scan_sizes
+from library.images import SkipLog, color_augment, latent_mask, load_rgb, scan_sizes
 
 log = logging.getLogger(__name__)
 
 SIZE_SIDECAR = ".sdxl-image-sizes.json"
-_UNSUPPORTED = ("face_crop_aug_range", "alpha_mask")
+_UNSUPPORTED = ("face_crop_aug_range",)
 
 
 @dataclass(frozen=True)
@@ -339,12 +339,15 @@ def make_cache_jobs(items: Sequence[TrainItem], cache_dir: str | os.PathLike | N
                     hint=f"turn off {name} or --cache_latents",
                 )
         path = cache_path_for(item.image_path, item.bucket, cache_dir)
-        if path in jobs:  # the same image in two subsets: one entry, flipped too if either flips
+        if path in jobs:  # the same image in two subsets: one entry, flipped too / with a mask if either asks
             if item.subset.flip_aug:
                 jobs[path] = replace(jobs[path], flip_variant=True)
+            if item.subset.alpha_mask:
+                jobs[path] = replace(jobs[path], alpha_mask=True)
             continue
         plan = plan_image(item.size, item.bucket, interpolation=item.subset.resize_interpolation)
-        jobs[path] = CacheJob(item.image_path, path, plan, flip_variant=item.subset.flip_aug)
+        jobs[path] = CacheJob(item.image_path, path, plan, flip_variant=item.subset.flip_aug,
+                              alpha_mask=item.subset.alpha_mask)  # fmt: skip
     return list(jobs.values())
 
 
@@ -406,7 +409,7 @@ class TrainDataset:
         rng = _rng("augment", self.seed, ref.epoch, item.image_key, ref.step)
         flip = item.subset.flip_aug and rng.random() < 0.5
         if self.cache_paths is not None:
-            sample, cond = self._cached(self.cache_paths[ref.index], flip)
+            sample, cond = self._cached(self.cache_paths[ref.index], flip, item.subset.alpha_mask)
         else:
             try:
                 sample, cond = self._decoded(item, flip, rng)
@@ -423,19 +426,22 @@ class TrainDataset:
         }
 
     @staticmethod
-    def _cached(path: Path, flip: bool):
-        from library.latent_cache import load_entry
+    def _cached(path: Path, flip: bool, alpha_mask: bool = False):
+        from library.latent_cache import load_entry, load_entry_mask
 
         latents, meta = load_entry(path, flipped=flip)
         bucket, resized = _pair(meta["bucket"]), _pair(meta["used_resized"])
         left, top = _pair(meta["used_crop_left_top"])
         if flip:
             left = resized[0] - bucket[0] - left
-        return {"latents": latents}, (*_pair(meta["original_size"]), top, left, bucket[1], bucket[0])
+        sample = {"latents": latents}
+        if alpha_mask:
+            sample["alpha_mask"] = load_entry_mask(path, flipped=flip)
+        return sample, (*_pair(meta["original_size"]), top, left, bucket[1], bucket[0])
 
     @staticmethod
     def _decoded(item: TrainItem, flip: bool, rng: random.Random):
-        image = load_rgb(item.image_path)
+        image, alpha = load_rgb(item.image_path, alpha=True) if item.subset.alpha_mask else (load_rgb(item.image_path), None)
         plan = plan_image(
             image.size, item.bucket, random_crop=item.subset.random_crop, flip=flip, rng=rng,
             interpolation=item.subset.resize_interpolation,
@@ -443,7 +449,11 @@ class TrainDataset:
         image = apply_plan(image, plan)
         if item.subset.color_aug:
             image = color_augment(image, rng)
-        return {"pixels": _pixels(image)}, plan.size_conditioning()
+        sample = {"pixels": _pixels(image)}
+        if item.subset.alpha_mask:
+            cut = None if alpha is None else apply_plan(alpha, plan)
+            sample["alpha_mask"] = latent_mask(cut, (plan.bucket[1] // 8, plan.bucket[0] // 8))  # SDXL's VAE: 1/8
+        return sample, plan.size_conditioning()
 
 
 def collate(samples: list[dict]) -> dict:
@@ -454,7 +464,12 @@ def collate(samples: list[dict]) -> dict:
     if unreadable:  # not raised in the worker: the training loop stops cleanly on every process
         return {"unreadable": unreadable}
     key = "latents" if "latents" in samples[0] else "pixels"
+    masks = {}
+    if any("alpha_mask" in s for s in samples):  # a batch may mix subsets with and without alpha_mask
+        shape = next(s["alpha_mask"].shape for s in samples if "alpha_mask" in s)
+        masks["alpha_mask"] = torch.stack([s.get("alpha_mask", torch.ones(shape)) for s in samples])
     return {
+        **masks,
         key: torch.stack([s[key] for s in samples]),
         "captions": [s["caption"] for s in samples],
         "size_cond": torch.stack([s["size_cond"] for s in samples]),

@@ -167,3 +167,32 @@ def test_prepare_buckets_latents_cli(vae, tmp_path, capsys):
     latents, meta = load_entry(data / "im1.png.128x128.sdxl-latents.safetensors", flipped=True)
     assert meta["bucket"] == ",".join(map(str, out["im1"]["train_resolution"]))
     assert main(argv) == 0 and "0 built" in capsys.readouterr().out
+
+
+def test_alpha_mask_is_cached_on_the_latent_grid_and_added_to_old_entries(vae, tmp_path):
+    from library.latent_cache import load_entry_mask
+
+    rgba = np.zeros((48, 32, 4), dtype=np.uint8)
+    rgba[..., :3] = np.random.default_rng(0).integers(0, 256, (48, 32, 3))
+    rgba[:, :16, 3], rgba[:, 16:, 3] = 255, 64  # left half opaque, right half mostly transparent
+    path = tmp_path / "cutout.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    bucket = (32, 48)
+    plain = CacheJob(path, cache_path_for(path, bucket, tmp_path / "cache"), plan_image((32, 48), bucket),
+                     flip_variant=True)  # fmt: skip
+    masked = replace(plain, alpha_mask=True)
+    assert build_latent_cache([plain], vae, progress=False).built == 1
+    assert build_latent_cache([masked], vae, progress=False).built == 1  # the old entry had no mask
+    latents, meta = load_entry(plain.cache_path)
+    mask = load_entry_mask(plain.cache_path)
+    assert meta["alpha_mask"] == "1" and mask.shape == latents.shape[-2:] == (24, 16)  # this VAE halves
+    assert torch.all(mask[:, :8] == 1.0)
+    torch.testing.assert_close(mask[:, 8:], torch.full((24, 8), 64 / 255))
+    assert torch.equal(load_entry_mask(plain.cache_path, flipped=True), mask.flip(-1))
+    assert build_latent_cache([masked], vae, progress=False).reused == 1
+    assert build_latent_cache([plain], vae, progress=False).reused == 1  # a masked entry serves both
+    opaque = _image(tmp_path / "opaque.png", (32, 48), 3)
+    job = CacheJob(opaque, cache_path_for(opaque, bucket, tmp_path / "cache"), plan_image((32, 48), bucket),
+                   alpha_mask=True)  # fmt: skip
+    build_latent_cache([job], vae, progress=False)
+    assert torch.equal(load_entry_mask(job.cache_path), torch.ones(24, 16))

@@ -160,3 +160,24 @@ def test_noise_schedule_from_a_config_object():
     schedule = N.NoiseSchedule.from_config(Cfg())
     assert schedule.options.min_snr_gamma == 5.0 and schedule.options.loss_type == "huber"
     assert schedule.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_alpha_mask_multiplies_each_element_loss_before_the_mean():
+    from library.noise import NoiseSchedule, compute_loss
+
+    class Cfg:
+        pass
+
+    schedule = NoiseSchedule.from_config(Cfg())
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 6, 4, generator=g), torch.randn(2, 4, 6, 4, generator=g)
+    mask = torch.rand(2, 6, 4, generator=g)
+    t = torch.tensor([10, 900])
+    expected = ((pred - target) ** 2 * mask[:, None]).mean()
+    torch.testing.assert_close(compute_loss(pred, target, t, schedule, mask), expected)
+    assert compute_loss(pred, target, t, schedule, torch.zeros(2, 6, 4)) == 0
+    torch.testing.assert_close(compute_loss(pred, target, t, schedule, torch.ones(2, 6, 4)),
+                               compute_loss(pred, target, t, schedule))  # fmt: skip
+    # a mask on another grid is averaged onto the loss's own
+    fine = mask.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    torch.testing.assert_close(compute_loss(pred, target, t, schedule, fine), expected)

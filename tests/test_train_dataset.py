@@ -225,6 +225,30 @@ def test_color_aug_changes_hue_or_gamma_a_third_of_the_time_and_repeats_exactly(
         make_cache_jobs(items)
 
 
+def test_alpha_mask_samples_follow_the_crop_and_flip(tmp_path):
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    rgba[..., :3] = 90
+    rgba[:, :16, 3] = 255  # an opaque stripe on the left, transparent elsewhere
+    Image.fromarray(rgba, "RGBA").save(folder / "a.png")
+    _png(folder / "b.png", (64, 64), 30)  # no alpha channel: fully opaque
+    sub = SubsetConfig(image_dir=folder, alpha_mask=True, flip_aug=True)
+    cfg = DatasetsConfig(datasets=(DatasetConfig(subsets=(sub,), resolution=(64, 64), enable_bucket=False),))
+    items = build_items(cfg, workers=1).items
+    ds = TrainDataset(items, seed=0)
+    a = [it.image_key for it in items].index("a")
+    left = torch.zeros(8, 8)
+    left[:, :2] = 1.0
+    masks = {tuple(ds[SampleRef(a, 1, step)]["alpha_mask"][0].tolist()) for step in range(16)}
+    assert masks == {tuple(left[0].tolist()), tuple(left.flip(-1)[0].tolist())}  # flipped with the image
+    b = ds[SampleRef(1 - a, 1, 0)]
+    assert torch.equal(b["alpha_mask"], torch.ones(8, 8))
+    mixed = collate([ds[SampleRef(a, 1, 0)], {k: v for k, v in b.items() if k != "alpha_mask"}])
+    assert mixed["alpha_mask"].shape == (2, 8, 8) and torch.equal(mixed["alpha_mask"][1], torch.ones(8, 8))
+    assert "alpha_mask" not in collate([{k: v for k, v in b.items() if k != "alpha_mask"}])
+
+
 def test_validation_split_is_stable(data):
     items = build_items(data, workers=2).items
     train, val = split_validation(items, 0.25, seed=42)

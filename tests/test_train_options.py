@@ -115,6 +115,38 @@ def test_fused_backward_with_global_clipping_matches_the_clipped_plain_step(tiny
     assert any(not torch.allclose(a[k], c[k], rtol=1e-5, atol=1e-6) for k in a)  # the clipping really differs
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_alpha_mask_fully_transparent_images_teach_nothing(tiny_sdxl, tmp_path, cache):
+    """With alpha_mask, a fully transparent image contributes zero loss: Adafactor (no weight decay)
+    leaves every weight bit-identical; without alpha_mask the same images train."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "cutouts"
+    images.mkdir()
+    for i in range(2):
+        rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+        rgba[..., :3] = np.random.default_rng(i).integers(0, 256, (64, 64, 3))  # alpha 0 everywhere
+        Image.fromarray(rgba, "RGBA").save(images / f"c{i}.png")
+        (images / f"c{i}.caption").write_text("a product cutout", encoding="utf-8")
+    base = load_file(str(tiny_sdxl["single_file"]))
+    results = {}
+    for masked in (True, False):
+        toml = tmp_path / f"d{masked}.toml"
+        toml.write_text("[[datasets]]\nresolution = 64\nbatch_size = 2\n\n  [[datasets.subsets]]\n"
+                        f"  image_dir = \"{images.as_posix()}\"\n  caption_extension = \".caption\"\n"
+                        f"  alpha_mask = {str(masked).lower()}\n", encoding="utf-8")  # fmt: skip
+        out = tmp_path / f"out{masked}"
+        args = base_args(tiny_sdxl, toml, out, 2, *FAST)
+        if not cache:
+            args.remove("--cache_latents_to_disk")
+        assert run_train(args) == 0
+        results[masked] = load_file(str(out / "poster.safetensors"))
+    unet = [k for k in base if k.startswith("model.diffusion_model.")]
+    assert all(torch.equal(results[True][k], base[k]) for k in unet)
+    assert any(not torch.equal(results[False][k], base[k]) for k in unet)
+
+
 def test_validation_loss_is_deterministic_and_held_out_images_are_not_trained(tiny_sdxl, poster_set, tmp_path):
     import json
 
