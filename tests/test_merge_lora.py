@@ -251,6 +251,17 @@ def test_save_precision_fp16(tiny_sdxl, base, lora_files, tmp_path, capsys):
     torch.testing.assert_close(q.double(), want.half().double(), rtol=0, atol=0)
 
 
+def test_diffusers_folder_model_gives_the_same_merge(tiny_sdxl, lora_files, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    single, folder = tmp_path / "from_single.safetensors", tmp_path / "from_folder.safetensors"
+    for model, out in ((tiny_sdxl["single_file"], single), (tiny_sdxl["diffusers"], folder)):
+        code, _, err = _run_in_process(["--model", model, "--lora", f"{lora_files['a']}:0.5", "--save_to", out], capsys)
+        assert code == 0, err
+    a, b = load_file(str(single)), load_file(str(folder))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 

@@ -29,7 +29,8 @@ from library.lora_merge import MERGE_DTYPES, MERGED_LORAS_METADATA_KEY, parse_lo
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="SDXL single .safetensors file to merge into")
+    parser.add_argument("--model", required=True, help="SDXL model to merge into: a single .safetensors file or a "
+                        "diffusers folder")
     parser.add_argument("--lora", action="append", required=True, metavar="FILE[:RATIO]",
                         help="kohya LoRA .safetensors and its ratio (default 1.0); repeat for several")
     parser.add_argument("--save_to", required=True, help="output .safetensors file")
@@ -78,7 +79,12 @@ def main(argv=None) -> int:
 
     start = time.time()
     states = [read_lora_file(path) for path, _ in loras]  # every file readable before the slow part
-    models = load_models_from_sdxl_checkpoint(args.model)
+    if Path(args.model).is_dir():  # a diffusers folder (its tokenizers come along; not used here)
+        from library.sdxl_train_util import load_target_model
+
+        models = load_target_model(args.model)
+    else:
+        models = load_models_from_sdxl_checkpoint(args.model)
     targets = lora_targets(models)
     for (path, ratio), state in zip(loras, states):
         report = merge_lora_into(models, state, ratio, str(path), merge_dtype=args.merge_dtype,
