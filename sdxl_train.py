@@ -58,6 +58,7 @@ def main(argv=None) -> int:
         print("estimated peak memory:\n" + "\n".join(estimate_memory(cfg, dataset_cfg).lines()))
         return 0
     accelerator = setup.make_accelerator(cfg)
+    setup.check_fused_backward(cfg, accelerator)
     if accelerator.device.type == "cpu":  # freed optimizer temporaries go back to the system at once
         setup.limit_cpu_heap_growth()
     set_seed(cfg.seed)

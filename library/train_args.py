@@ -570,6 +570,9 @@ def _check_precision(cfg, where) -> None:
     _requires(cfg, where, "fused_backward_pass", cfg.gradient_accumulation_steps == 1,
               "--fused_backward_pass steps during backward, so it cannot accumulate gradients",
               hint="use --gradient_accumulation_steps 1")  # fmt: skip
+    _requires(cfg, where, "fused_backward_pass", cfg.mixed_precision != "fp16",
+              "--fused_backward_pass steps inside backward, before fp16's loss scaling could be undone or checked",
+              hint="use --mixed_precision bf16 (or no) with --fused_backward_pass")  # fmt: skip
     _requires(cfg, where, "fused_backward_clip", cfg.fused_backward_pass or cfg.fused_backward_clip == "per_tensor",
               "--fused_backward_clip only applies with --fused_backward_pass", hint="add --fused_backward_pass")  # fmt: skip
 

@@ -46,6 +46,16 @@ def limit_cpu_heap_growth(threshold: int = 4 << 20) -> bool:
         return False
 
 
+def check_fused_backward(cfg, accelerator) -> None:
+    """--fused_backward_pass steps each parameter as soon as its local gradient exists: with several
+    processes that would be before DDP averages it, and the ranks would drift apart."""
+    if cfg.fused_backward_pass and accelerator.num_processes > 1:
+        raise ConfigError(
+            f"--fused_backward_pass runs in one process only, not {accelerator.num_processes}",
+            where="--fused_backward_pass", hint="drop it, or launch one process",
+        )
+
+
 def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration

@@ -173,6 +173,7 @@ BASE = "--pretrained_model_name_or_path m --output_dir o "
         ("--resolution 1024x768", "is not 1024 or width,height"),
         ("--fused_backward_pass --gradient_accumulation_steps 4", "cannot accumulate"),
         ("--fused_backward_clip global", "only applies with --fused_backward_pass"),
+        ("--fused_backward_pass --mixed_precision fp16", "use --mixed_precision bf16"),
         ("--lr_scheduler adafactor", "works only with --optimizer_type AdaFactor"),
     ],
 )  # fmt: skip
@@ -187,3 +188,15 @@ def test_errors_from_the_toml_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=f"{path}: full_fp16"):
         _parse(BASE + f"--config_file {path}")
     assert _parse(BASE + f"--config_file {path} --mixed_precision fp16").full_fp16 is True
+
+
+def test_fused_backward_pass_is_refused_with_several_processes():
+    from types import SimpleNamespace
+
+    from library.train_setup import check_fused_backward
+
+    cfg = _parse(BASE + "--fused_backward_pass")
+    check_fused_backward(cfg, SimpleNamespace(num_processes=1))
+    with pytest.raises(ConfigError, match="one process only, not 2"):
+        check_fused_backward(cfg, SimpleNamespace(num_processes=2))
+    check_fused_backward(_parse(BASE), SimpleNamespace(num_processes=2))
