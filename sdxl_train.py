@@ -122,7 +122,8 @@ def train(run, text, optimizer, scheduler, params, max_steps: int, fused=None) -
                 events.save_state(run, batches_done - 1, tag="unreadable")
                 bad = "; ".join(f"{path} ({why})" for path, why in batch.get("unreadable", []))
                 raise DataError(
-                    f"an image cannot be read any more at step {state.global_step + 1} (on some process): "
+                    f"an image (or its cached latents) cannot be read any more at step {state.global_step + 1} "
+                    "(on some process): "
                     f"{bad or 'see the other process'}; the last good state was saved",
                     hint="re-save or remove it and --resume from the -unreadable-state folder; tools/filter_images.py "
                     "lists every unreadable image, and --cache_latents checks them all before training",

@@ -157,11 +157,17 @@ def load_entry(path: str | os.PathLike, flipped: bool = False):
     """``(latents, metadata)`` of one entry; ``flipped`` picks the mirrored sample's latents."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        name = "latents_flipped" if flipped else "latents"
-        if name not in handle.keys():
-            raise DataError(f"cache entry has no {name}", where=str(path), hint="rebuild the latent cache")
-        return handle.get_tensor(name), dict(handle.metadata() or {})
+    name = "latents_flipped" if flipped else "latents"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if name not in handle.keys():
+                raise DataError(f"cache entry has no {name}", where=str(path), hint="rebuild the latent cache")
+            return handle.get_tensor(name), dict(handle.metadata() or {})
+    except DataError:
+        raise
+    except Exception as err:  # truncated or overwritten after the start-up check
+        raise DataError(f"cache entry cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
+                        where=str(path), hint="delete it: the next start rebuilds it") from None
 
 
 def load_entry_mask(path: str | os.PathLike, flipped: bool = False):

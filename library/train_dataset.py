@@ -408,13 +408,13 @@ class TrainDataset:
         item = self.items[ref.index]
         rng = _rng("augment", self.seed, ref.epoch, item.image_key, ref.step)
         flip = item.subset.flip_aug and rng.random() < 0.5
-        if self.cache_paths is not None:
-            sample, cond = self._cached(self.cache_paths[ref.index], flip, item.subset.alpha_mask)
-        else:
-            try:
+        try:  # a file that broke after start-up's checks (truncated body, replaced file, damaged cache entry)
+            if self.cache_paths is not None:
+                sample, cond = self._cached(self.cache_paths[ref.index], flip, item.subset.alpha_mask)
+            else:
                 sample, cond = self._decoded(item, flip, rng)
-            except DataError as err:  # broken after start-up's header scan (truncated body, replaced file)
-                return {"unreadable": (str(item.image_path), err.message)}
+        except DataError as err:
+            return {"unreadable": (err.where or str(item.image_path), err.message)}
         return {
             **sample,
             "caption": self.caption_fn(item, ref) if self.caption_fn else default_caption(

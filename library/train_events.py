@@ -344,12 +344,10 @@ def loss_is_finite(run: Run, loss) -> bool:
 
 
 def batch_is_readable(run: Run, batch: dict) -> bool:
-    """False on every process when any process's batch holds an image that failed to decode (only
-    possible without cached latents: cache entries were decoded and checked when they were built)."""
+    """False on every process when any process's batch holds an image (or latent cache entry) that
+    failed to load: it broke after start-up checked it."""
     import torch
 
-    if run.data.cached_latents:
-        return True
     readable = torch.tensor([0.0 if "unreadable" in batch else 1.0])
     if run.accelerator.num_processes > 1:
         readable = run.accelerator.reduce(readable.to(run.accelerator.device), reduction="sum")

@@ -164,6 +164,12 @@ def test_samples_pixels_and_cached_latents_agree_on_conditioning(data, tmp_path)
     # p0 is really 80x48 but metadata says 48x80: the conditioning reports the real original size
     p0 = pixels[SampleRef([it.image_key for it in items].index("p0"), 1, 0)]
     assert p0["size_cond"][:2].tolist() == [48, 80]
+    # an entry damaged after start-up is reported by the sample (the training loop stops on it), not raised
+    data_bytes = paths[0].read_bytes()
+    paths[0].write_bytes(data_bytes[: len(data_bytes) // 2])
+    broken = latents[SampleRef(0, 1, 0)]
+    assert broken["unreadable"][0] == str(paths[0]) and "cannot be read" in broken["unreadable"][1]
+    assert collate([broken, latents[SampleRef(1, 1, 0)]]) == {"unreadable": [broken["unreadable"]]}
 
 
 def test_flip_mirrors_crop_left_in_conditioning(tmp_path):
