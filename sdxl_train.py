@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     if cfg.fused_backward_pass:  # the optimizer steps inside backward: no separate step, no gradients kept
         from library.optimizers import attach_fused_backward
 
-        fused = attach_fused_backward(optimizer, cfg.max_grad_norm, cfg.fused_backward_clip)
+        fused = attach_fused_backward(optimizer, cfg.max_grad_norm, cfg.fused_backward_clip,
+                                      groups=cfg.fused_optimizer_groups or None)
     max_steps = setup.total_steps(cfg, data, accelerator)
     scheduler = setup.make_scheduler(cfg, optimizer, max_steps, accelerator.num_processes)
     models.unet, optimizer, scheduler = accelerator.prepare(models.unet, optimizer, scheduler)

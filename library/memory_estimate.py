@@ -6,7 +6,8 @@ for the full-size SDXL. Parts:
 
 - weights: every model in the dtype the run keeps it in (trained UNet in float32, or bf16/fp16 with
   --full_bf16/--full_fp16; frozen parts in the mixed-precision dtype unless --no_half_vae);
-- gradients: one per trained weight (with --fused_backward_pass: only the largest tensor's);
+- gradients: one per trained weight (with --fused_backward_pass: only the largest tensor's, with
+  --fused_optimizer_groups N the largest group's);
 - optimizer state: from the optimizer's own rules (AdamW two moments, 8-bit moments one byte each,
   Adafactor's factored row/column statistics in float32, ...);
 - activations: the tensors the UNet's forward saves for backward, each counted once, by running that
@@ -205,13 +206,17 @@ def activation_bytes(unet, batch: int, latent_hw: tuple[int, int], context_len: 
 
 def training_step_parts(unet, trained: list, optimizer_type: str | None, optimizer_args: dict, *,
                         fused_backward: bool, gradient_checkpointing: bool, batch: int,
-                        latent_hw: tuple[int, int], context_len: int, compute_dtype) -> MemoryEstimate:
+                        latent_hw: tuple[int, int], context_len: int, compute_dtype,
+                        fused_groups: int | None = None) -> MemoryEstimate:
     """Gradients, optimizer state and activations of one training step of ``unet`` (a meta-device
     model in its training dtype; ``trained`` = every trained parameter, UNet's included)."""
+    from library.optimizers import split_in_groups
+
     est = MemoryEstimate()
     grads = sum(p.numel() * p.element_size() for p in trained)
-    if fused_backward:
-        grads = max(p.numel() * p.element_size() for p in trained)
+    if fused_backward:  # one tensor's gradient at a time, or one group's (--fused_optimizer_groups)
+        units = split_in_groups(trained, fused_groups) if fused_groups else [[p] for p in trained]
+        grads = max(sum(p.numel() * p.element_size() for p in unit) for unit in units)
     est.parts["gradients"] = grads
     state, note = optimizer_state_bytes(optimizer_type, trained, optimizer_args)
     est.parts["optimizer state"] = state
@@ -259,6 +264,7 @@ def estimate_memory(cfg, dataset_cfg) -> MemoryEstimate:
         unet, trained, cfg.optimizer_type, parse_optimizer_args(cfg.optimizer_args or []),
         fused_backward=cfg.fused_backward_pass, gradient_checkpointing=cfg.gradient_checkpointing,
         batch=dataset.batch_size, latent_hw=(height // 8, width // 8), context_len=chunks, compute_dtype=compute,
+        fused_groups=cfg.fused_optimizer_groups or None,
     )  # fmt: skip
     est.notes += step.notes
     est.parts.update(step.parts)

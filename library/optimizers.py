@@ -298,7 +298,8 @@ def is_relative_step_adafactor(optimizer) -> bool:
 # ------------------------------------------------------------------------- fused backward pass
 
 
-def attach_fused_backward(optimizer, max_grad_norm: float | None = None, clip: str = "per_tensor"):
+def attach_fused_backward(optimizer, max_grad_norm: float | None = None, clip: str = "per_tensor",
+                          groups: int | None = None):
     """``--fused_backward_pass``: step each parameter inside backward, as soon as its gradient is
     accumulated, and free that gradient, so a full set of gradients never exists at once.
 
@@ -308,6 +309,10 @@ def attach_fused_backward(optimizer, max_grad_norm: float | None = None, clip: s
     process only and no gradient accumulation (the gradient is not averaged across processes when
     the hook runs). D-Adaptation/Prodigy, whose update of one parameter depends on all the others,
     are refused.
+
+    ``groups`` (kohya's ``--fused_optimizer_groups N``): the trained parameters are cut, in order,
+    into N groups of about equal size, and a group steps once all of its gradients exist (at most one
+    group's gradients are kept instead of one tensor's).
 
     ``max_grad_norm`` with ``clip="per_tensor"`` (``--fused_backward_clip per_tensor``, kohya's
     behaviour) clips each parameter's gradient on its own: the global norm is unknown until
@@ -322,23 +327,45 @@ def attach_fused_backward(optimizer, max_grad_norm: float | None = None, clip: s
                           hint="use AdaFactor or AdamW, or drop --fused_backward_pass")  # fmt: skip
     if clip not in ("per_tensor", "global"):
         raise ConfigError(f"unknown fused-backward clipping '{clip}'", hint="use per_tensor or global")
-    return FusedBackward(optimizer, max_grad_norm, clip)
+    return FusedBackward(optimizer, max_grad_norm, clip, groups)
+
+
+def split_in_groups(params: list, groups: int) -> list[list]:
+    """``params`` cut, in order, into at most ``groups`` non-empty runs of about equal element count."""
+    total = sum(p.numel() for p in params)
+    out: list[list] = [[]]
+    done = 0
+    for param in params:
+        if out[-1] and done >= total * len(out) / groups:
+            out.append([])
+        out[-1].append(param)
+        done += param.numel()
+    return out
 
 
 class FusedBackward:
     """The hooks of ``attach_fused_backward``; calling the object removes them."""
 
-    def __init__(self, optimizer, max_grad_norm: float | None, clip: str):
+    def __init__(self, optimizer, max_grad_norm: float | None, clip: str, groups: int | None = None):
         self.optimizer, self.max_grad_norm, self.clip = optimizer, max_grad_norm, clip
         self.measuring = False
         self.squares = None  # sum of squared gradient elements (first pass of global clipping)
         self.scale = None  # the global clip factor during the second pass
         self.last_norm: float | None = None
         self.handles = []
-        for index, group in enumerate(optimizer.param_groups):
-            for param in group["params"]:
-                if param.requires_grad:
-                    self.handles.append(param.register_post_accumulate_grad_hook(self._hook(index)))
+        trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        # a "unit" steps together: one parameter each, or kohya's groups
+        units = split_in_groups(trained, groups) if groups else [[p] for p in trained]
+        self.unit_of = {id(p): index for index, unit in enumerate(units) for p in unit}
+        self.unit_params = units
+        group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        self.unit_by_group = [  # per unit, its parameters in each param group (the optimizer's view)
+            [[p for p in unit if group_of[id(p)] == gi] for gi in range(len(optimizer.param_groups))]
+            for unit in units
+        ]
+        self.ready = [0] * len(units)
+        for param in trained:
+            self.handles.append(param.register_post_accumulate_grad_hook(self._on_gradient))
 
     def __call__(self) -> None:
         for handle in self.handles:
@@ -363,34 +390,41 @@ class FusedBackward:
             self.scale = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         try:
             backward(loss)
+            for index, count in enumerate(self.ready):  # groups with a parameter that got no gradient
+                if count:
+                    self._step_unit(index)
         finally:
             self.scale = None
 
-    def _hook(self, group_index: int):
-        """The group is found by position at each call: ``accelerator.prepare`` reloads the
-        optimizer's state dict, which replaces the ``param_groups`` dicts (an identity check would
-        never match)."""
-        optimizer = self.optimizer
+    def _on_gradient(self, param) -> None:
+        import torch
 
-        def step_one(param) -> None:
-            import torch
-
-            if self.measuring:
-                self.squares += param.grad.detach().float().pow(2).sum()
-                param.grad = None
-                return
-            if self.scale is not None:
-                param.grad.mul_(self.scale.to(param.grad.dtype))
-            elif self.max_grad_norm and self.clip == "per_tensor":
-                torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
-            saved = [g["params"] for g in optimizer.param_groups]
-            for index, g in enumerate(optimizer.param_groups):  # the optimizer sees this one parameter only
-                g["params"] = [param] if index == group_index else []
-            try:
-                optimizer.step()
-            finally:
-                for g, params in zip(optimizer.param_groups, saved):
-                    g["params"] = params
+        if self.measuring:
+            self.squares += param.grad.detach().float().pow(2).sum()
             param.grad = None
+            return
+        if self.scale is not None:
+            param.grad.mul_(self.scale.to(param.grad.dtype))
+        elif self.max_grad_norm and self.clip == "per_tensor":
+            torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
+        index = self.unit_of[id(param)]
+        self.ready[index] += 1
+        if self.ready[index] == len(self.unit_params[index]):
+            self._step_unit(index)
 
-        return step_one
+    def _step_unit(self, index: int) -> None:
+        """Step the optimizer over one unit's parameters only, then free their gradients. The groups
+        are looked up at each call: ``accelerator.prepare`` reloads the optimizer's state dict, which
+        replaces the ``param_groups`` dicts."""
+        optimizer = self.optimizer
+        saved = [g["params"] for g in optimizer.param_groups]
+        for g, mine in zip(optimizer.param_groups, self.unit_by_group[index]):  # this unit's parameters only
+            g["params"] = mine
+        try:
+            optimizer.step()
+        finally:
+            for g, params in zip(optimizer.param_groups, saved):
+                g["params"] = params
+        for param in self.unit_params[index]:
+            param.grad = None
+        self.ready[index] = 0

@@ -160,6 +160,8 @@ OPTIMIZER = Section("optimizer_arguments", "optimizer and learning-rate schedule
     flag("no_sample_with_ema", "sample with the raw weights even when --ema is on"),
     flag("save_raw_with_ema", "with --ema, also save the raw weights as NAME-raw..."),
     flag("fused_backward_pass", "step each parameter during backward and free its gradient (saves memory)"),
+    opt("fused_optimizer_groups", "int", 0, "kohya's fused optimizer groups: the trained weights in N groups of "
+        "about equal size, each stepped during backward once its gradients exist (implies --fused_backward_pass)"),
     opt("fused_backward_clip", "str", "per_tensor", "how --fused_backward_pass applies --max_grad_norm: per_tensor "
         "(kohya's: each gradient on its own) or global (the unfused step's global norm, by one more backward pass)",
         ("per_tensor", "global")),
@@ -467,6 +469,7 @@ def _normalize(values: dict[str, Any], source: _Source) -> dict[str, Any]:
         out["optimizer_type"] = "AdamW8bit" if out["use_8bit_adam"] else "Lion" if out["use_lion_optimizer"] else "AdamW"
     out["cache_latents"] = out["cache_latents"] or out["cache_latents_to_disk"]
     out["cache_text_encoder_outputs"] = out["cache_text_encoder_outputs"] or out["cache_text_encoder_outputs_to_disk"]
+    out["fused_backward_pass"] = out["fused_backward_pass"] or bool(out["fused_optimizer_groups"])
     if out["block_lr"] is not None:
         out["block_lr"] = _block_lr(out["block_lr"], source.where("block_lr"))
     return out
@@ -516,7 +519,8 @@ def validate(cfg, source: _Source) -> None:
                            "save_every_n_steps", "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs",
                            "save_last_n_steps_state", "save_last_n_epochs_state", "sample_every_n_steps",
                            "sample_every_n_epochs", "multires_noise_iterations", "lr_scheduler_num_cycles"), 1)  # fmt: skip
-    _positive(cfg, where, ("keep_tokens", "max_data_loader_n_workers", "caption_dropout_every_n_epochs", "seed",
+    _positive(cfg, where, ("fused_optimizer_groups", "keep_tokens", "max_data_loader_n_workers",
+                           "caption_dropout_every_n_epochs", "seed",
                            "learning_rate", "learning_rate_te1", "learning_rate_te2", "max_grad_norm", "noise_offset",
                            "ip_noise_gamma", "caption_dropout_rate", "caption_tag_dropout_rate",
                            "lr_warmup_steps", "min_timestep"), 0)  # fmt: skip

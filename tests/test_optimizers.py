@@ -131,7 +131,8 @@ def test_optional_packages_name_the_pip_package_or_are_used(monkeypatch):
 @pytest.mark.parametrize("name, args", [("AdamW", {"weight_decay": 0.01}), ("AdaFactor", {"relative_step": False}),
                                         ("AdamW8bit", {})])  # fmt: skip
 @pytest.mark.parametrize("clip,mode", [(None, "per_tensor"), (0.01, "per_tensor"), (0.01, "global"), (1e3, "global")])
-def test_fused_backward_pass_equals_a_normal_step(name, args, clip, mode):
+@pytest.mark.parametrize("groups", [None, 2])
+def test_fused_backward_pass_equals_a_normal_step(name, args, clip, mode, groups):
     from library.optimizers import attach_fused_backward
 
     def setup():
@@ -143,7 +144,7 @@ def test_fused_backward_pass_equals_a_normal_step(name, args, clip, mode):
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
     plain, plain_opt = setup()
     fused, fused_opt = setup()
-    hooks = attach_fused_backward(fused_opt, max_grad_norm=clip, clip=mode)
+    hooks = attach_fused_backward(fused_opt, max_grad_norm=clip, clip=mode, groups=groups)
     for _ in range(3):
         plain(x).pow(2).mean().backward()
         if clip and mode == "per_tensor":
@@ -164,3 +165,30 @@ def test_fused_backward_pass_equals_a_normal_step(name, args, clip, mode):
     hooks()  # removes the hooks
     fused(x).pow(2).mean().backward()
     assert all(p.grad is not None for p in fused.parameters())
+
+
+def test_fused_groups_step_once_all_their_gradients_exist():
+    from library.optimizers import attach_fused_backward, split_in_groups
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (10, 10, 10, 30, 5, 5)]
+    # a run closes once it holds its share (70 / 3 elements)
+    assert [[p.numel() for p in g] for g in split_in_groups(params, 3)] == [[10, 10, 10], [30], [5, 5]]
+    assert len(split_in_groups(params, 100)) == len(params)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    original = optimizer.step
+
+    def counting_step(*a, **k):
+        steps.append(sum(len(g["params"]) for g in optimizer.param_groups))
+        return original(*a, **k)
+
+    optimizer.step = counting_step
+    hooks = attach_fused_backward(optimizer, groups=3)
+    # groups by size (153 elements): [w0], [b0, w1], [b1, w2, b2]; layer 0 gets no gradient this time
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    hooks.backward(model(torch.randn(4, 8)).sum())
+    # [b1, w2, b2] steps inside backward; [b0, w1] is stepped after it (b0 never got its gradient); [w0] not
+    assert steps == [3, 2] and all(p.grad is None for p in model.parameters())

@@ -200,3 +200,11 @@ def test_fused_backward_pass_is_refused_with_several_processes():
     with pytest.raises(ConfigError, match="one process only, not 2"):
         check_fused_backward(cfg, SimpleNamespace(num_processes=2))
     check_fused_backward(_parse(BASE), SimpleNamespace(num_processes=2))
+
+
+def test_kohya_fused_optimizer_groups_implies_the_fused_pass():
+    cfg = _parse(BASE + "--fused_optimizer_groups 4")
+    assert cfg.fused_backward_pass and cfg.fused_optimizer_groups == 4
+    assert not _parse(BASE).fused_backward_pass
+    with pytest.raises(ConfigError, match="--fused_optimizer_groups must be >= 0"):
+        _parse(BASE + "--fused_optimizer_groups -1")

@@ -109,6 +109,12 @@ def test_fused_backward_with_global_clipping_matches_the_clipped_plain_step(tiny
     a, b = load_file(str(plain / "poster.safetensors")), load_file(str(fused / "poster.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    groups = tmp_path / "groups"  # kohya's --fused_optimizer_groups: the same update, stepped per group
+    assert run_train(base_args(tiny_sdxl, poster_set, groups, 2, "--fused_optimizer_groups", "3",
+                               "--fused_backward_clip", "global", *clip)) == 0  # fmt: skip
+    g = load_file(str(groups / "poster.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], g[key], rtol=1e-5, atol=1e-6)
     per_tensor = tmp_path / "per_tensor"
     assert run_train(base_args(tiny_sdxl, poster_set, per_tensor, 2, "--fused_backward_pass", *clip)) == 0
     c = load_file(str(per_tensor / "poster.safetensors"))
