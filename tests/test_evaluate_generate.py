@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,6 @@ from library.evaluation.score_folders import ScoreOptions, run_score
 from library.evaluation.tiny_clip import make_random_aesthetic, make_tiny_clip
 from library.presets import negative_preset
 from tools.evaluate import main as evaluate_main
-
-try:
-    HAVE_SAMPLING = importlib.util.find_spec("library.sampling") is not None
-except ImportError:
-    HAVE_SAMPLING = False
-needs_sampling = pytest.mark.skipif(not HAVE_SAMPLING, reason="library.sampling (build_pipeline) is not there yet")
 
 PROMPTS = ["a white cat in the bag", "movie poster"]
 
@@ -64,7 +57,6 @@ def test_seeds_are_paired_across_models():
     assert {job.file for job in jobs if job.model == "b"} >= {"b/b-0-0.png", "b/b-1-2.png"}
 
 
-@needs_sampling
 def test_generate_writes_seed_names_manifest_and_resumes(tiny_sdxl, tmp_path):
     prompts = tmp_path / "prompts.csv"
     pd.DataFrame({"Prompts": PROMPTS}).to_csv(prompts, index=False)
