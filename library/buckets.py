@@ -198,6 +198,64 @@ def plan_image(
     )
 
 
+def face_from_name(path) -> tuple[int, int, int, int] | None:
+    """kohya's face position in a file name, ``NAME_cx_cy_w_h.ext`` (pixels of the stored image), or None."""
+    from pathlib import Path
+
+    parts = Path(path).stem.split("_")
+    if len(parts) < 5:
+        return None
+    try:
+        cx, cy, w, h = (int(v) for v in parts[-4:])
+    except ValueError:
+        return None
+    return (cx, cy, w, h) if w > 0 and h > 0 else None
+
+
+def plan_face_crop(
+    size: tuple[int, int],
+    bucket: tuple[int, int],
+    face: tuple[int, int, int, int],
+    face_range: tuple[float, float],
+    *,
+    random_crop: bool = False,
+    flip: bool = False,
+    rng: random.Random,
+    interpolation: str | None = None,
+) -> ImagePlan:
+    """``face_crop_aug_range``: scale the image so the face's larger side is between 1/high and 1/low
+    of the sample's shorter side (never smaller than needed to cover the sample, never enlarged beyond
+    that), then cut the sample around the face: centered on it, jittered a little when the range is a
+    range, or moved anywhere that keeps it in view with ``random_crop`` (kohya's rules). The plan keeps
+    the real geometry for SDXL's conditioning."""
+    width, height = size
+    cx, cy, face_w, face_h = face
+    low, high = face_range
+    face_size = max(face_w, face_h)
+    short = min(bucket)
+    cover = max(bucket[0] / width, bucket[1] / height)
+    smallest = max(cover, min(1.0, short / (face_size * high)))
+    largest = max(smallest, min(1.0, short / (face_size * low)))
+    scale = smallest if smallest >= largest else rng.uniform(smallest, largest)
+    resized = (max(int(width * scale + 0.5), bucket[0]), max(int(height * scale + 0.5), bucket[1]))
+    position = []
+    for target, length, centre in zip(bucket, resized, (int(cx * scale + 0.5), int(cy * scale + 0.5))):
+        start = centre - target // 2
+        if random_crop:  # anywhere, more often near the face
+            reach = max(length - centre, centre)
+            start += rng.randint(0, reach) + rng.randint(0, reach) - reach
+        elif low != high and face_size > short // 10 and face_size >= 40:
+            start += rng.randint(-face_size // 20, face_size // 20)
+        position.append(max(0, min(start, length - target)))
+    left, top = position
+    seen_left = resized[0] - bucket[0] - left if flip else left
+    return ImagePlan(
+        bucket=tuple(bucket), resized_size=resized, crop_left_top=(left, top), flip=flip,
+        interpolation=pick_interpolation(size, resized, interpolation), original_size=(height, width),
+        crop_top_left=(top, seen_left), target_size=(bucket[1], bucket[0]),
+    )  # fmt: skip
+
+
 def apply_plan(image, plan: ImagePlan):
     """Resize, crop and (maybe) flip an RGB PIL image as ``plan`` says; returns a PIL image.
 

@@ -24,7 +24,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Hashable, NamedTuple, Sequence
 
-from library.buckets import BucketSpec, apply_plan, bucket_resolutions, choose_bucket, plan_image
+from library.buckets import (
+    BucketSpec,
+    apply_plan,
+    bucket_resolutions,
+    choose_bucket,
+    face_from_name,
+    plan_face_crop,
+    plan_image,
+)
 from library.config_util import IMAGE_EXTENSIONS, DatasetsConfig, SubsetConfig
 from library.errors import ConfigError, DataError
 from library.images import SkipLog, color_augment, latent_mask, load_rgb, scan_sizes
@@ -32,7 +40,6 @@ from library.images import SkipLog, color_augment, latent_mask, load_rgb, scan_s
 log = logging.getLogger(__name__)
 
 SIZE_SIDECAR = ".sdxl-image-sizes.json"
-_UNSUPPORTED = ("face_crop_aug_range",)
 
 
 @dataclass(frozen=True)
@@ -126,9 +133,6 @@ def _sidecar_for(subset: SubsetConfig, sidecar_dir: Path | None) -> Path:
 
 
 def _subset_items(subset, where, di, spec, resos, *, strict, workers, sidecar_dir, skipped) -> list[TrainItem]:
-    for name in _UNSUPPORTED:
-        if getattr(subset, name):
-            log.warning("%s: %s is not supported by this trainer and is ignored", where, name)
     rows = _metadata_rows(subset, skipped, strict) if subset.is_metadata_subset else _folder_rows(subset)
     unknown = [path for path, _, _, size in rows if size is None]
     sizes = {}
@@ -147,6 +151,10 @@ def _subset_items(subset, where, di, spec, resos, *, strict, workers, sidecar_di
     if uncaptioned:  # kohya warns too: a missing or empty caption trains the image with an empty prompt
         log.warning("%s: %d of %d images have no caption (missing or empty caption file or metadata entry); "
                     "they train with an empty prompt", where, uncaptioned, len(items))  # fmt: skip
+    if subset.face_crop_aug_range and items:
+        faces = sum(face_from_name(item.image_path) is not None for item in items)
+        log.info("%s: face_crop_aug_range: %d of %d images name a face position (NAME_cx_cy_w_h.ext); the "
+                 "others are cropped as usual", where, faces, len(items))  # fmt: skip
     if not items:
         raise DataError(
             "subset has no usable images",
@@ -331,7 +339,8 @@ def make_cache_jobs(items: Sequence[TrainItem], cache_dir: str | os.PathLike | N
 
     jobs: dict[Path, object] = {}
     for item in items:
-        for name, why in (("random_crop", "a new crop"), ("color_aug", "new colours")):
+        for name, why in (("random_crop", "a new crop"), ("color_aug", "new colours"),
+                          ("face_crop_aug_range", "a new face crop")):
             if getattr(item.subset, name):
                 raise ConfigError(
                     f"{name} cannot be used with cached latents (each step needs {why})",
@@ -442,10 +451,17 @@ class TrainDataset:
     @staticmethod
     def _decoded(item: TrainItem, flip: bool, rng: random.Random):
         image, alpha = load_rgb(item.image_path, alpha=True) if item.subset.alpha_mask else (load_rgb(item.image_path), None)
-        plan = plan_image(
-            image.size, item.bucket, random_crop=item.subset.random_crop, flip=flip, rng=rng,
-            interpolation=item.subset.resize_interpolation,
-        )  # fmt: skip
+        face = face_from_name(item.image_path) if item.subset.face_crop_aug_range else None
+        if face is not None:
+            plan = plan_face_crop(
+                image.size, item.bucket, face, item.subset.face_crop_aug_range, random_crop=item.subset.random_crop,
+                flip=flip, rng=rng, interpolation=item.subset.resize_interpolation,
+            )  # fmt: skip
+        else:
+            plan = plan_image(
+                image.size, item.bucket, random_crop=item.subset.random_crop, flip=flip, rng=rng,
+                interpolation=item.subset.resize_interpolation,
+            )  # fmt: skip
         image = apply_plan(image, plan)
         if item.subset.color_aug:
             image = color_augment(image, rng)

@@ -111,3 +111,33 @@ def test_apply_plan_pixels_match_geometry():
     top, left = plan.crop_top_left
     mirrored = img.resize(plan.resized_size, Image.Resampling.NEAREST).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     assert out.tobytes() == mirrored.crop((left, top, left + 32, top + 16)).tobytes()
+
+
+
+def test_face_crop_scales_the_face_into_range_and_centres_it():
+    from library.buckets import face_from_name, plan_face_crop
+
+    assert face_from_name("posters/hero_300_200_100_80.png") == (300, 200, 100, 80)
+    assert face_from_name("posters/hero.png") is None and face_from_name("a_b_c_d_e.png") is None
+    size, bucket, face = (1000, 800), (256, 256), (300, 200, 100, 80)
+    # range [2, 2]: the face's larger side (100) becomes 256 / 2 = 128 px -> scale 1.28 (capped at 1.0,
+    # and the image must still cover the sample: 256 / 800 = 0.32)
+    plan = plan_face_crop(size, bucket, face, (2.0, 2.0), rng=random.Random(0))
+    assert plan.resized_size == (1000, 800)  # no enlargement
+    assert plan.crop_left_top == (300 - 128, 200 - 128)  # centred on the face
+    small = plan_face_crop(size, bucket, face, (8.0, 8.0), rng=random.Random(0))  # face -> 32 px: scale 0.32
+    assert small.resized_size == (320, 256)
+    assert small.crop_left_top == (0, 0)  # centred at (96, 64), clamped into the image
+    assert small.size_conditioning() == (800, 1000, 0, 0, 256, 256)
+    flipped = plan_face_crop(size, bucket, face, (2.0, 2.0), flip=True, rng=random.Random(0))
+    assert flipped.crop_top_left == (72, 1000 - 256 - 172)  # mirrored left, as plan_image reports it
+    scales, lefts = set(), set()
+    for seed in range(40):  # a real range: the scale varies inside it; random_crop moves the window
+        one = plan_face_crop(size, bucket, face, (2.0, 6.0), random_crop=True, rng=random.Random(seed))
+        scales.add(one.resized_size)
+        lefts.add(one.crop_left_top[0])
+        ratio = one.resized_size[0] / 1000
+        assert 256 / (100 * 6) - 0.01 <= ratio <= 1.0
+        assert 0 <= one.crop_left_top[0] <= one.resized_size[0] - 256
+        assert 0 <= one.crop_left_top[1] <= one.resized_size[1] - 256
+    assert len(scales) > 10 and len(lefts) > 10

@@ -255,6 +255,28 @@ def test_alpha_mask_samples_follow_the_crop_and_flip(tmp_path):
     assert "alpha_mask" not in collate([{k: v for k, v in b.items() if k != "alpha_mask"}])
 
 
+def test_face_crop_aug_range_cuts_around_the_face_named_in_the_file(tmp_path):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    pixels = np.full((300, 400, 3), 200, dtype=np.uint8)
+    pixels[80:120, 280:320] = (255, 0, 0)  # a 40 px "face" centred at (300, 100)
+    Image.fromarray(pixels).save(folder / "hero_300_100_40_40.png")
+    Image.fromarray(pixels).save(folder / "plain.png")  # no face position: cropped as usual
+    sub = SubsetConfig(image_dir=folder, face_crop_aug_range=(2.0, 2.0))
+    cfg = DatasetsConfig(datasets=(DatasetConfig(subsets=(sub,), resolution=(64, 64), enable_bucket=False),))
+    items = build_items(cfg, workers=1).items
+    ds = TrainDataset(items, seed=0)
+    hero = ds[SampleRef([it.image_key for it in items].index("hero_300_100_40_40"), 1, 0)]
+    # face 40 px -> 64 / 2 = 32 px: scale 0.8, face centre (240, 80), window left 208, top 48
+    assert hero["size_cond"].tolist() == [300, 400, 48, 208, 64, 64]
+    red = (hero["pixels"][0] > 0.9) & (hero["pixels"][1] < -0.9)
+    assert red[32, 32] and 0.2 < red.float().mean() < 0.3  # the 32 px face fills a quarter of the sample
+    plain = ds[SampleRef([it.image_key for it in items].index("plain"), 1, 0)]
+    assert plain["size_cond"].tolist() == [300, 400, 0, 10, 64, 64]  # centre crop of 85x64
+    with pytest.raises(ConfigError, match="face_crop_aug_range cannot be used with cached latents"):
+        make_cache_jobs(items)
+
+
 def test_validation_split_is_stable(data):
     items = build_items(data, workers=2).items
     train, val = split_validation(items, 0.25, seed=42)
