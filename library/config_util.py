@@ -571,7 +571,8 @@ def config_from_flags(
     return replace(cfg, extra={**cfg.extra, **extra})
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One value as TOML text (bool, number, string/path, list/tuple, dict); also used by train_args."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -579,9 +580,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (str, Path)):
         return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
@@ -593,13 +594,13 @@ def dump_dataset_config(cfg: DatasetsConfig) -> str:
         for f in fields(DatasetConfig):
             value = getattr(ds, f.name)
             if f.name != "subsets" and value is not None:
-                lines.append(f"{f.name} = {_toml_value(value)}")
+                lines.append(f"{f.name} = {toml_value(value)}")
         for sub in ds.subsets:
             lines += ["", "  [[datasets.subsets]]"]
             for f in fields(SubsetConfig):
                 value = getattr(sub, f.name)
                 if value is None or (sub.is_metadata_subset and f.name in _FOLDER_ONLY):
                     continue
-                lines.append(f"  {f.name} = {_toml_value(value)}")
+                lines.append(f"  {f.name} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)

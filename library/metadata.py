@@ -18,8 +18,9 @@ Metadata = dict[str, dict[str, Any]]
 _JSONL_KEY_FIELDS = ("image_key", "file_name", "image", "path")
 
 
-def _load_jsonl(path: Path, text: str) -> Metadata:
-    entries: Metadata = {}
+def jsonl_objects(path: Path, text: str):
+    """``(line number, object)`` for each non-blank line of a JSONL file; a DataError naming the file
+    and line for a line that is not JSON or not an object."""
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -28,7 +29,13 @@ def _load_jsonl(path: Path, text: str) -> Metadata:
         except json.JSONDecodeError as err:
             raise DataError(f"line {line_no}: not valid JSON ({err.msg})", where=str(path)) from None
         if not isinstance(row, dict):
-            raise DataError(f"line {line_no}: expected a JSON object", where=str(path))
+            raise DataError(f"line {line_no}: expected a JSON object per line", where=str(path))
+        yield line_no, row
+
+
+def _load_jsonl(path: Path, text: str) -> Metadata:
+    entries: Metadata = {}
+    for line_no, row in jsonl_objects(path, text):
         key_field = next((k for k in _JSONL_KEY_FIELDS if k in row), None)
         if key_field is None:
             raise DataError(

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from library.config_util import toml_value
 from library.errors import ConfigError
 from library.fileio import atomic_write_text
 from library.optimizers import parse_key_values
@@ -413,16 +414,6 @@ def _from_toml(o: Option, value: Any, where: str) -> Any:
 # ----------------------------------------------------------------------------------- TOML out
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)
-
-
 def config_toml(values: dict[str, Any]) -> str:
     """The options that differ from the defaults, as a kohya config TOML grouped by section."""
     lines: list[str] = []
@@ -431,7 +422,7 @@ def config_toml(values: dict[str, Any]) -> str:
                 if o.name in values and values[o.name] is not None and values[o.name] != o.default]  # fmt: skip
         if rows:
             lines += ([""] if lines else []) + [f"[{section.name}]"]
-            lines += [f"{name} = {_toml_value(value)}" for name, value in rows]
+            lines += [f"{name} = {toml_value(value)}" for name, value in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import DataError
+from library.metadata import jsonl_objects
 
 LIST_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".ndjson")
 
@@ -66,17 +67,7 @@ def _read_csv(path: Path, text: str) -> UrlList:
 
 
 def _read_jsonl(path: Path, text: str) -> UrlList:
-    records = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"line {line_no}: not valid JSON ({err.msg})", where=str(path)) from None
-        if not isinstance(record, dict):
-            raise DataError(f"line {line_no}: expected a JSON object per line", where=str(path))
-        records.append(record)
+    records = [record for _, record in jsonl_objects(path, text)]
     return UrlList(path, _columns_of(records), tuple(records))
 
 
